@@ -1,0 +1,348 @@
+"""Typed configuration: dataclasses validated on construction, loaded from YAML plus `key=value` overrides.
+
+Every knob of METHODS.md is a field here with the default given there, under the section name METHODS.md
+uses (`corte.rc_scale`, `ema.momentum`, `stvm.metric_weight`, `threshold_st.threshold`), so a Tune search space
+and a command-line override name the same key. Unknown keys fail with their dotted name (and a suggestion),
+bad values fail naming the key and the allowed range. The resolved config is saved beside every run and
+inside every checkpoint (`to_dict` / `from_dict` round-trip exactly).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import asdict, dataclass, field, fields
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal, Mapping, Sequence
+
+import yaml
+
+from .errors import ConfigError
+
+METHOD_NAMES = ("corte", "stvm", "corte_metric", "distill", "threshold_st", "oracle")
+
+
+def _check(cond: bool, key: str, message: str) -> None:
+    if not cond:
+        raise ConfigError(f"{key}: {message}")
+
+
+def _in_range(value: float, key: str, lo: float, hi: float, lo_open: bool = False, hi_open: bool = False) -> None:
+    ok = (value > lo if lo_open else value >= lo) and (value < hi if hi_open else value <= hi)
+    lb, rb = ("(" if lo_open else "["), (")" if hi_open else "]")
+    _check(ok, key, f"must be in {lb}{lo}, {hi}{rb}, got {value}")
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "synth"                         # format of `root`: cityscapes, gta5, synthia, nthu, folder, synth
+    root: str = ""                                 # dataset root (local path)
+    train_split: str = "train"                     # unlabelled target images to adapt on
+    val_split: str = "val"                         # labelled target split for evaluation ("" = none)
+    city: str | None = None                        # nthu only
+    labels_dir: str | None = None                  # folder only
+    label_space: str | None = None                 # folder only: YAML label space
+    resize: tuple[int, int] | None = None          # resize every image to HxW first (e.g. Cityscapes 1024x2048 -> 512x1024)
+    crop_size: tuple[int, int] = (128, 256)        # training crop HxW (weak/strong views)
+    batch_size: int = 8                            # per worker
+    loader_workers: int = 0                        # torch DataLoader worker processes in the local engine
+    val_max_images: int | None = None              # evaluate on the first N val images only (quick runs)
+
+    def validate(self, p: str = "data") -> None:
+        _check(self.dataset in ("cityscapes", "gta5", "synthia", "nthu", "folder", "synth"), f"{p}.dataset",
+               f"unknown dataset format {self.dataset!r}")
+        _check(self.batch_size >= 1, f"{p}.batch_size", f"must be >= 1, got {self.batch_size}")
+        _check(self.loader_workers >= 0, f"{p}.loader_workers", "must be >= 0")
+        for key, size in (("crop_size", self.crop_size), ("resize", self.resize)):
+            if size is not None:
+                _check(len(size) == 2 and min(size) >= 16, f"{p}.{key}", f"must be [H, W] with H, W >= 16, got {size}")
+
+
+@dataclass
+class ModelConfig:
+    student: str = "mobilenetv3_lraspp"            # a registered student (corte-ray models lists them)
+    num_classes: int = 19                          # Cityscapes train ids
+    pretrained: bool = False                       # ImageNet weights through timm (downloads; off for offline use)
+    weights: str | None = None                     # initial student weights (a checkpoint or state dict file)
+
+    def validate(self, p: str = "model") -> None:
+        _check(2 <= self.num_classes <= 254, f"{p}.num_classes", f"must be in [2, 254], got {self.num_classes}")
+
+
+@dataclass
+class BlackBoxConfig:
+    spec: str = ""                                 # file:PATH (TorchScript/ONNX) or http(s)://... endpoint
+    answer: Literal["probs", "topk", "hard"] = "probs"  # what the box returns (restricts a local box, to simulate a vendor)
+    topk: int = 2                                  # k for answer=topk
+    batch_size: int = 8                            # images per query
+    label_store: str | None = None                 # a label store written by `corte-ray label` (else label on the fly)
+
+    def validate(self, p: str = "blackbox") -> None:
+        _check(self.topk >= 2, f"{p}.topk", f"must be >= 2 (relative confidence needs two classes), got {self.topk}")
+        _check(self.batch_size >= 1, f"{p}.batch_size", "must be >= 1")
+
+
+@dataclass
+class CorteConfig:
+    rc_scale: float = 1.0                          # alpha: tau_c = alpha * mean relative confidence of class c (METHODS 1.1)
+    teacher_scale: float = 1.0                     # beta for teacher overrides/fills (1.2)
+    hard_override_scale: float = 1.5               # beta_h for hard-label boxes (1.2)
+    refine_start: float = 0.25                     # fraction of the schedule before teacher refinement starts
+    warmup: float = 0.10                           # fraction of the schedule on y_B only, no mixing
+    weak_weight: float = 1.0                       # lambda_w of the weak-view CE
+    reliability: Literal["quality", "metric"] = "quality"  # pixel weights: DACS quality, or STvM metric reliability
+
+    def validate(self, p: str = "corte") -> None:
+        _in_range(self.rc_scale, f"{p}.rc_scale", 0.0, 5.0)
+        _in_range(self.teacher_scale, f"{p}.teacher_scale", 0.0, 5.0)
+        _in_range(self.hard_override_scale, f"{p}.hard_override_scale", 0.0, 10.0)
+        _in_range(self.refine_start, f"{p}.refine_start", 0.0, 1.0)
+        _in_range(self.warmup, f"{p}.warmup", 0.0, 1.0)
+        _in_range(self.weak_weight, f"{p}.weak_weight", 0.0, 100.0)
+
+
+@dataclass
+class EMAConfig:
+    momentum: float = 0.999                        # teacher <- m teacher + (1 - m) student, every optimiser step
+    threshold_momentum: float = 0.99               # running teacher class thresholds tau^T_c
+
+    def validate(self, p: str = "ema") -> None:
+        _in_range(self.momentum, f"{p}.momentum", 0.0, 1.0, hi_open=True)
+        _in_range(self.threshold_momentum, f"{p}.threshold_momentum", 0.0, 1.0, hi_open=True)
+
+
+@dataclass
+class STvMConfig:
+    metric_pixels: int = 4096                      # pixels sampled (class-balanced) for the Proxy-Anchor loss per batch
+    metric_lr: float = 1e-3                        # AdamW lr of the metric head and proxies
+    temperature_scale: float = 16.0                # s in r = softmax(s cos(e, w))[y]
+    gamma: float = 1.0                             # reliability sharpening r <- r^gamma
+    mocm_power: float = 2.0                        # kappa: MOCM class sampling prob ~ mean reliability^kappa
+    metric_weight: float = 1.0                     # lambda_metric
+    proxy_alpha: float = 32.0                      # Proxy-Anchor scale
+    proxy_margin: float = 0.1                      # Proxy-Anchor margin delta
+    embed_dim: int = 128
+
+    def validate(self, p: str = "stvm") -> None:
+        _check(self.metric_pixels >= 16, f"{p}.metric_pixels", "must be >= 16")
+        _in_range(self.metric_lr, f"{p}.metric_lr", 0.0, 1.0, lo_open=True)
+        _in_range(self.temperature_scale, f"{p}.temperature_scale", 0.0, 1000.0, lo_open=True)
+        _in_range(self.gamma, f"{p}.gamma", 0.0, 20.0, lo_open=True)
+        _in_range(self.mocm_power, f"{p}.mocm_power", 0.0, 20.0)
+        _in_range(self.metric_weight, f"{p}.metric_weight", 0.0, 100.0)
+
+
+@dataclass
+class ThresholdSTConfig:
+    threshold: float = 0.9                         # global p(1) threshold of classic self-training
+
+    def validate(self, p: str = "threshold_st") -> None:
+        _in_range(self.threshold, f"{p}.threshold", 0.0, 1.0)
+
+
+@dataclass
+class TrainConfig:
+    iterations: int = 4000                         # optimiser steps in total
+    lr: float = 1e-3                               # AdamW, poly decay (power 0.9) after a linear warm-up
+    lr_warmup: int = 100                           # linear lr warm-up steps
+    weight_decay: float = 0.01
+    seed: int = 0
+    device: str = "auto"                           # auto | cpu | cuda | cuda:N (local engine)
+    amp: bool = True                               # bf16 autocast on CUDA (ignored on CPU)
+    channels_last: bool = True                     # NHWC memory format on CUDA
+    eval_every: int = 500                          # evaluate on the val split every N steps (0 = only at the end)
+    checkpoint_every: int = 500                    # write a checkpoint every N steps (and at the end)
+    keep_checkpoints: int = 2                      # newest checkpoints kept (plus the best by val mIoU)
+    log_every: int = 20                            # TensorBoard scalars every N steps
+
+    def validate(self, p: str = "train") -> None:
+        _check(self.iterations >= 1, f"{p}.iterations", f"must be >= 1, got {self.iterations}")
+        _in_range(self.lr, f"{p}.lr", 0.0, 10.0, lo_open=True)
+        _check(self.lr_warmup >= 0, f"{p}.lr_warmup", "must be >= 0")
+        _check(self.eval_every >= 0 and self.checkpoint_every >= 0, f"{p}.eval_every", "must be >= 0")
+        _check(self.keep_checkpoints >= 1, f"{p}.keep_checkpoints", "must be >= 1")
+        _check(self.log_every >= 1, f"{p}.log_every", "must be >= 1")
+        _check(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"), f"{p}.device",
+               f"must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+
+
+@dataclass
+class ScalingConfig:
+    engine: Literal["local", "ray"] = "ray"        # local: one process; ray: Ray Train TorchTrainer
+    num_workers: int = 1                           # Ray Train workers (one student replica each)
+    use_gpu: bool = False                          # one GPU per worker
+    cpus_per_worker: float = 1.0                   # fractional values leave CPUs to Ray Data
+    max_failures: int = 0                          # worker-group restarts from the last checkpoint
+
+    def validate(self, p: str = "scaling") -> None:
+        _check(self.num_workers >= 1, f"{p}.num_workers", "must be >= 1")
+        _check(self.cpus_per_worker > 0, f"{p}.cpus_per_worker", "must be > 0")
+        _check(self.max_failures >= -1, f"{p}.max_failures", "must be >= -1 (-1 = retry forever)")
+
+
+@dataclass
+class Config:
+    method: str = "corte"                          # corte | stvm | corte_metric | distill | threshold_st | oracle
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    blackbox: BlackBoxConfig = field(default_factory=BlackBoxConfig)
+    corte: CorteConfig = field(default_factory=CorteConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    stvm: STvMConfig = field(default_factory=STvMConfig)
+    threshold_st: ThresholdSTConfig = field(default_factory=ThresholdSTConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+
+    def validate(self) -> "Config":
+        _check(self.method in METHOD_NAMES, "method", f"unknown method {self.method!r}; one of {list(METHOD_NAMES)}")
+        for f in fields(self):
+            section = getattr(self, f.name)
+            if dataclasses.is_dataclass(section):
+                section.validate(f.name)
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return _plain(asdict(self))
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# ------------------------------------------------------------------------------------------- loading
+def _plain(obj: Any) -> Any:
+    """Tuples -> lists, recursively, so the dict is YAML/JSON friendly and round-trips through from_dict."""
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if errors else f"{key}: invalid value {value!r}")
+    if origin is Literal:
+        _check(value in args, key, f"must be one of {list(args)}, got {value!r}")
+        return value
+    if origin is tuple:
+        _check(isinstance(value, (list, tuple)), key, f"must be a list, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
+        _check(len(value) == len(args), key, f"must have {len(args)} items, got {list(value)}")
+        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if origin is list:
+        _check(isinstance(value, (list, tuple)), key, f"must be a list, got {value!r}")
+        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        _check(isinstance(value, bool), key, f"must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        _check(isinstance(value, int) and not isinstance(value, bool), key, f"must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        _check(isinstance(value, (int, float)) and not isinstance(value, bool), key, f"must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        _check(isinstance(value, str), key, f"must be a string, got {value!r}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        _check(isinstance(value, Mapping), key, f"must be a mapping, got {value!r}")
+        return _build(tp, value, key)
+    raise ConfigError(f"{key}: unsupported type {tp}")
+
+
+def _build(cls: type, data: Mapping[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        dotted = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" (did you mean {prefix + '.' if prefix else ''}{close[0]}?)" if close else ""
+            raise ConfigError(f"{dotted}: unknown config key{hint}")
+        kwargs[key] = _coerce(value, hints[key], dotted)
+    return cls(**kwargs)
+
+
+def from_dict(data: Mapping[str, Any]) -> Config:
+    return _build(Config, data).validate()
+
+
+def _deep_update(base: dict, update: Mapping) -> dict:
+    for k, v in update.items():
+        if isinstance(v, Mapping) and isinstance(base.get(k), dict):
+            _deep_update(base[k], v)
+        else:
+            base[k] = v
+    return base
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`a.b=value` -> (["a", "b"], value); the value is parsed as YAML (numbers, booleans, lists, null)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key=value (e.g. corte.rc_scale=0.8)")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override {text!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def shipped_config_path(name: str) -> Path:
+    """Path of a config shipped inside the package (corte_ray/configs/NAME.yaml)."""
+    return Path(str(resources.files("corte_ray") / "configs" / f"{name}.yaml"))
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = (),
+                base: Mapping[str, Any] | None = None) -> Config:
+    """Defaults <- `base` <- YAML file <- `key=value` overrides, validated.
+
+    `path` may name a shipped config ("demo") as well as a file.
+    """
+    data: dict[str, Any] = _plain(dict(base or {}))
+    if path is not None:
+        p = Path(path)
+        if not p.exists() and not p.suffix and shipped_config_path(str(path)).exists():
+            p = shipped_config_path(str(path))
+        try:
+            doc = yaml.safe_load(p.read_text()) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"config file {p} does not exist") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {p} is not valid YAML: {exc}") from None
+        if not isinstance(doc, dict):
+            raise ConfigError(f"config file {p} must hold a mapping at the top level")
+        _deep_update(data, doc)
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = data
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{'.'.join(keys)}: {k} is not a section")
+        node[keys[-1]] = value
+    return from_dict(data)
+
+
+def save_config(cfg: Config, path: str | Path) -> Path:
+    from .io_utils import write_text_atomic
+
+    return write_text_atomic(path, cfg.to_yaml())
