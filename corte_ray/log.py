@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 from typing import Iterable, Iterator, TypeVar
 
 from tqdm.auto import tqdm
@@ -31,7 +32,29 @@ def setup_logging(verbosity: int = 0) -> None:
     )
 
 
-def progress(iterable: Iterable[T], desc: str, total: int | None = None, unit: str = "it") -> Iterator[T]:
-    """A tqdm bar over `iterable`, disabled in quiet mode or when CORTE_NO_PROGRESS is set."""
-    disable = _QUIET or bool(os.environ.get("CORTE_NO_PROGRESS"))
-    yield from tqdm(iterable, desc=desc, total=total, unit=unit, disable=disable, dynamic_ncols=True, leave=False)
+def progress(iterable: Iterable[T], desc: str, total: int | None = None, unit: str = "it",
+             every_s: float = 30.0) -> Iterator[T]:
+    """Progress over `iterable`: a tqdm bar on a terminal; elsewhere (job logs, CI) one log line every
+    `every_s` seconds with done/total and rate, so logs stay readable. Silent in quiet mode or when
+    CORTE_NO_PROGRESS is set."""
+    if _QUIET or os.environ.get("CORTE_NO_PROGRESS"):
+        yield from iterable
+        return
+    if sys.stderr.isatty():
+        yield from tqdm(iterable, desc=desc, total=total, unit=unit, dynamic_ncols=True, leave=False)
+        return
+    if total is None and hasattr(iterable, "__len__"):
+        total = len(iterable)  # type: ignore[arg-type]
+    logger = logging.getLogger("corte_ray.progress")
+    start = last = time.monotonic()
+    done = 0
+    for item in iterable:
+        yield item
+        done += 1
+        now = time.monotonic()
+        if now - last >= every_s:
+            last = now
+            rate = done / (now - start)
+            logger.info("%s: %d/%s %s (%.1f %s/s)", desc, done, total if total is not None else "?", unit, rate, unit)
+    if done and time.monotonic() - start >= every_s:
+        logger.info("%s: done, %d %s in %.0f s", desc, done, unit, time.monotonic() - start)

@@ -167,7 +167,8 @@ def load_label_space(path: str | Path) -> LabelSpace:
     try:
         doc = yaml.safe_load(path.read_text()) or {}
     except (OSError, yaml.YAMLError) as exc:
-        raise InputError(path, f"cannot read label space YAML: {exc}") from None
+        detail = " ".join(str(exc).split())  # YAML errors span lines; the CLI prints one
+        raise InputError(path, f"cannot read label space YAML: {detail}") from None
     if not isinstance(doc, dict):
         raise InputError(path, "label space YAML must be a mapping")
     unknown = set(doc) - {"name", "classes", "id_to_train", "eval_classes", "palette"}
@@ -181,7 +182,10 @@ def load_label_space(path: str | Path) -> LabelSpace:
     if mapping is None:
         mapping = {i: i for i in range(num)}
         mapping[IGNORE] = IGNORE
-    mapping = {int(k): int(v) for k, v in mapping.items()}
+    try:
+        mapping = {int(k): int(v) for k, v in mapping.items()}
+    except (TypeError, ValueError, AttributeError):
+        raise InputError(path, "field 'id_to_train' must map integer ids to integer train ids") from None
     bad = {k: v for k, v in mapping.items() if not (0 <= v < num or v == IGNORE) or not 0 <= k < 65536}
     if bad:
         raise InputError(path, f"field 'id_to_train' has entries outside the class range: {bad}")
