@@ -157,6 +157,8 @@ class TrainConfig:
     checkpoint_every: int = 500                    # write a checkpoint every N steps (and at the end)
     keep_checkpoints: int = 2                      # newest checkpoints kept (plus the best by val mIoU)
     log_every: int = 20                            # TensorBoard scalars every N steps
+    cpu_threads: int = 0                           # torch intra-op threads on CPU (0 = torch's default); set it
+                                                   # below the core count when other processes share the CPUs
 
     def validate(self, p: str = "train") -> None:
         _check(self.iterations >= 1, f"{p}.iterations", f"must be >= 1, got {self.iterations}")
@@ -165,13 +167,14 @@ class TrainConfig:
         _check(self.eval_every >= 0 and self.checkpoint_every >= 0, f"{p}.eval_every", "must be >= 0")
         _check(self.keep_checkpoints >= 1, f"{p}.keep_checkpoints", "must be >= 1")
         _check(self.log_every >= 1, f"{p}.log_every", "must be >= 1")
+        _check(self.cpu_threads >= 0, f"{p}.cpu_threads", "must be >= 0 (0 = torch's default)")
         _check(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"), f"{p}.device",
                f"must be auto, cpu, cuda or cuda:N, got {self.device!r}")
 
 
 @dataclass
 class ScalingConfig:
-    engine: Literal["local", "ray"] = "ray"        # local: one process; ray: Ray Train TorchTrainer
+    engine: Literal["local", "ray"] = "local"      # local: one process; ray: Ray Train TorchTrainer
     num_workers: int = 1                           # Ray Train workers (one student replica each)
     use_gpu: bool = False                          # one GPU per worker
     cpus_per_worker: float = 1.0                   # fractional values leave CPUs to Ray Data
@@ -253,6 +256,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         _check(isinstance(value, int) and not isinstance(value, bool), key, f"must be an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 2e-3 (no dot) as a string; users write it anyway
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         _check(isinstance(value, (int, float)) and not isinstance(value, bool), key, f"must be a number, got {value!r}")
         return float(value)
     if tp is str:

@@ -54,3 +54,13 @@ def test_round_trip(tmp_path):
     path = save_config(cfg, tmp_path / "config.yaml")
     again = load_config(path)
     assert again == cfg and from_dict(cfg.to_dict()) == cfg
+
+
+def test_exponent_without_dot_is_a_number(tmp_path):
+    # YAML 1.1 parses 2e-3 as a string; users write it in files and on the command line alike.
+    f = tmp_path / "c.yaml"
+    f.write_text("train:\n  lr: 2e-3\n")
+    assert load_config(f).train.lr == 0.002
+    assert load_config(None, ["stvm.metric_lr=5e-4"]).stvm.metric_lr == 0.0005
+    with pytest.raises(ConfigError, match="train.lr: must be a number"):
+        load_config(None, ["train.lr=fast"])

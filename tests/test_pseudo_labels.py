@@ -133,3 +133,11 @@ def test_cuda_matches_cpu():
     assert stats.sums.device.type == "cpu"
     labels = r2cp_labels(top1, rc, stats.thresholds(0.5))
     assert labels.is_cuda and labels.cpu().tolist() == [[[0, 255, 1], [1, 0, 1]]]
+
+
+def test_r2cp_labels_keep_ignored_pixels_ignored():
+    # Padding from the weak view arrives as top1 = 255; it must stay 255 whatever its rc.
+    top1 = torch.tensor([[0, 255, 1]])
+    rc = torch.tensor([[0.9, 1.0, 0.1]])
+    out = r2cp_labels(top1, rc, torch.tensor([0.5, 0.5]))
+    assert out.tolist() == [[0, 255, 255]]

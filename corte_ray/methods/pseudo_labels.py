@@ -121,10 +121,13 @@ def class_thresholds(rc: Tensor, top1: Tensor, num_classes: int, alpha: float = 
 def r2cp_labels(top1: Tensor, rc: Tensor, thresholds: Tensor, ignore_index: int = IGNORE_INDEX) -> Tensor:
     """y_B = top1 where rc >= tau_{top1}, else ignore_index (dtype of top1).
 
-    Compared in float64 so that a pixel whose rc equals its class mean exactly is kept.
+    Compared in float64 so that a pixel whose rc equals its class mean exactly is kept. Pixels whose top1
+    is already ignore_index (padding from the geometric augmentation, no answer from the box) stay ignored.
     """
-    tau = thresholds.to(device=rc.device, dtype=torch.float64)[top1.long()]
-    keep = rc.to(torch.float64) >= tau
+    known = (top1 >= 0) & (top1 < thresholds.numel())
+    index = torch.where(known, top1.long(), torch.zeros_like(top1, dtype=torch.long))
+    tau = thresholds.to(device=rc.device, dtype=torch.float64)[index]
+    keep = known & (rc.to(torch.float64) >= tau)
     return torch.where(keep, top1, torch.full_like(top1, ignore_index))
 
 

@@ -1,0 +1,319 @@
+"""One training step per method: CoRTe, STvM, CoRTe + metric reliability, and the baselines.
+
+A step takes a batch of target images with the black box's answer (already aligned pixel for pixel),
+builds the views, the pseudo-labels and the mix, and returns a dict of losses and diagnostics. The loop
+owns `backward`, the optimiser steps, the EMA update and logging (STYLE.md rule 2), so the same step runs
+in a plain loop, on one GPU and under Ray Train. Pure PyTorch: no Ray, no I/O.
+
+Batch contract (all tensors on the training device, one image size per batch):
+    image     (B,3,H,W) float in [0,1]
+    box_top1  (B,H,W) long     the box's arg-max class (255 where the box gave nothing)
+    box_p1    (B,H,W) float    the box's top probability (1.0 for a hard-label box)
+    box_rc    (B,H,W) float    the box's relative confidence p(1)-p(2); absent (None) for a hard-label box
+    label     (B,H,W) long     ground truth, only for the `oracle` baseline (and diagnostics)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..config import Config
+from ..registry import Registry
+from .losses import pixel_weighted_cross_entropy, quality_weights, reliability_weighted_cross_entropy
+from .mixing import classmix_batch, classmix_mask, mocm_mask
+from .pseudo_labels import confidence_threshold_labels, r2cp_labels, relative_confidence
+from .refine import TeacherThresholds, refine_labels
+from .views import strong_view, weak_view
+
+IGNORE = 255
+METHODS: Registry[type["Method"]] = Registry("method")
+# Sums a tensor over all workers in place (torch.distributed.all_reduce under DDP); identity in one process.
+Reducer = Callable[[Tensor], Tensor]
+
+
+def _identity(t: Tensor) -> Tensor:
+    return t
+
+
+@dataclass
+class Models:
+    """What a step may touch. `student` may be DDP-wrapped; the teacher and metric parts never are."""
+
+    student: nn.Module
+    teacher: nn.Module | None = None          # corte_ray.models.EMATeacher
+    metric_head: nn.Module | None = None      # corte_ray.models.MetricHead
+    proxies: nn.Module | None = None          # corte_ray.models.ClassProxies
+
+
+class Method:
+    """Base: holds the method's config, its random generator and its running state (teacher thresholds)."""
+
+    uses_teacher = False
+    uses_metric = False
+    needs_ground_truth = False
+
+    def __init__(self, cfg: Config, box_class_means: Tensor | None, device: torch.device,
+                 reduce: Reducer = _identity, seed: int = 0) -> None:
+        self.cfg = cfg
+        self.num_classes = cfg.model.num_classes
+        self.device = device
+        self.reduce = reduce
+        self.generator = torch.Generator(device="cpu").manual_seed(seed)
+        # tau_c = alpha * (mean relative confidence of class c over the whole target set), METHODS 1.1;
+        # a class the box never predicted keeps tau = 1 (nothing kept). Means come from the label store.
+        if box_class_means is not None:
+            means = box_class_means.to(device=device, dtype=torch.float32)
+            self.box_thresholds = torch.where(torch.isnan(means), torch.ones_like(means), cfg.corte.rc_scale * means)
+        else:
+            self.box_thresholds = None
+        self.teacher_thresholds = TeacherThresholds(self.num_classes, cfg.ema.threshold_momentum, device=device)
+
+    # ---- helpers shared by the steps
+    def views(self, batch: dict[str, Tensor], keys: tuple[str, ...]) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        """Weak view (shared geometry for the image and every map in `keys`) and the strong view on top of it.
+
+        A map of ones rides along as `valid` (padded with 0): a down-scaled image is padded with black, and no
+        label may come from there. The teacher would otherwise "fill" the padding with confident labels.
+        """
+        image = batch["image"]
+        ones = torch.ones(image.shape[0], *image.shape[-2:], device=image.device)
+        maps = [batch[k] for k in keys] + [ones]
+        fills = [255.0 if batch[k].dtype == torch.long else 0.0 for k in keys] + [0.0]
+        weak, maps_out = weak_view(image, maps, tuple(self.cfg.data.crop_size), generator=self.generator,
+                                   fill_values=fills)
+        strong = strong_view(weak, generator=self.generator)
+        out = dict(zip(keys, maps_out[:-1]))
+        out["valid"] = maps_out[-1] > 0.5
+        return weak, strong, out
+
+    def box_labels(self, top1: Tensor, rc: Tensor | None) -> Tensor:
+        """R2CP labels y_B; a hard-label box has no relative confidence, so every pixel keeps its label."""
+        if rc is None or self.box_thresholds is None:
+            return top1
+        return r2cp_labels(top1, rc, self.box_thresholds)
+
+    def teacher_predict(self, models: Models, image: Tensor, features: bool = False):
+        """Teacher soft-max, relative confidence and arg-max on the weak view (no gradient)."""
+        with torch.no_grad():
+            if features:
+                logits, feats = models.teacher.forward_features(image)
+            else:
+                logits, feats = models.teacher(image), None
+            probs = logits.float().softmax(1)
+            rc, pred = relative_confidence(probs)
+        return probs, rc, pred, feats
+
+    def update_teacher_thresholds(self, rc: Tensor, pred: Tensor, valid: Tensor) -> None:
+        # Padding is not image content: its pixels do not enter the running class thresholds.
+        # They go to an extra bin (index C) that is dropped.
+        pred = torch.where(valid, pred, torch.full_like(pred, self.num_classes))
+        sums, counts = TeacherThresholds.batch_sums(rc, pred, self.num_classes + 1)
+        self.teacher_thresholds.update(self.reduce(sums[:-1].contiguous()), self.reduce(counts[:-1].contiguous()))
+
+    def metric_terms(self, models: Models, feats: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        """STvM 2.2: Proxy-Anchor loss of the metric head on the detached teacher features, and the pixel
+        reliability r of `labels` (at label resolution, detached)."""
+        from ..models import class_balanced_pixel_sample, pixel_reliability, proxy_anchor_loss
+
+        st = self.cfg.stvm
+        emb = models.metric_head(feats.detach().float())
+        proxies = models.proxies()
+        # Pseudo-labels at the feature resolution, nearest, so every sampled embedding has one class.
+        small = F.interpolate(labels[:, None].float(), size=emb.shape[-2:], mode="nearest")[:, 0].long()
+        idx = class_balanced_pixel_sample(small, st.metric_pixels, self.num_classes, generator=self.generator)
+        flat_emb = emb.permute(0, 2, 3, 1).reshape(-1, emb.shape[1])
+        if idx.numel() > 0:
+            loss = proxy_anchor_loss(flat_emb[idx.to(flat_emb.device)], small.reshape(-1)[idx.to(small.device)],
+                                     proxies, alpha=st.proxy_alpha, delta=st.proxy_margin)
+        else:
+            loss = emb.sum() * 0.0
+        with torch.no_grad():
+            rel = pixel_reliability(emb.detach(), proxies.detach(), labels, scale=st.temperature_scale, gamma=st.gamma)
+        return loss, rel
+
+    def phase(self, iteration: int, total: int) -> tuple[bool, bool]:
+        """(warm-up over?, refinement on?) for this iteration."""
+        warm_done = iteration >= math.floor(self.cfg.corte.warmup * total)
+        refine_on = iteration >= math.floor(self.cfg.corte.refine_start * total)
+        return warm_done, refine_on
+
+    def step(self, models: Models, batch: dict[str, Tensor], iteration: int, total: int) -> dict[str, Tensor | float]:
+        raise NotImplementedError
+
+    # ---- state for checkpoints
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state(), "teacher_thresholds": self.teacher_thresholds.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+        self.teacher_thresholds.load_state_dict(state["teacher_thresholds"])
+
+
+def _label_fractions(labels: Tensor) -> float:
+    return float((labels != IGNORE).float().mean())
+
+
+@METHODS.register("distill")
+class Distill(Method):
+    """Baseline: imitate the box's raw hard labels, no threshold, no teacher, no mixing."""
+
+    def step(self, models, batch, iteration, total):
+        weak, _, m = self.views(batch, ("box_top1",))
+        loss = F.cross_entropy(models.student(weak), m["box_top1"], ignore_index=IGNORE)
+        return {"loss": loss, "loss_seg": loss.detach(), "label_coverage": _label_fractions(m["box_top1"])}
+
+
+@METHODS.register("oracle")
+class Oracle(Method):
+    """Upper bound: supervised on target ground truth (also trains the source model on source labels)."""
+
+    needs_ground_truth = True
+
+    def step(self, models, batch, iteration, total):
+        weak, strong, m = self.views(batch, ("label",))
+        # Photometric augmentation on half the batch keeps the model from over-fitting one look.
+        half = weak.shape[0] // 2
+        image = torch.cat([weak[:half], strong[half:]]) if half else weak
+        loss = F.cross_entropy(models.student(image), m["label"], ignore_index=IGNORE)
+        return {"loss": loss, "loss_seg": loss.detach(), "label_coverage": _label_fractions(m["label"])}
+
+
+@METHODS.register("corte")
+class Corte(Method):
+    """CoRTe (METHODS 1): R2CP labels, EMA-teacher refinement, consistent training with ClassMix."""
+
+    uses_teacher = True
+
+    def reliability_weights(self, models, feats, labels, stats):  # overridden by corte_metric
+        return quality_weights(labels), None
+
+    def mixing_masks(self, labels: Tensor, weights: Tensor) -> Tensor:
+        return classmix_mask(labels, generator=self.generator)
+
+    def step(self, models, batch, iteration, total):
+        rc_box = batch.get("box_rc")
+        keys = ("box_top1",) + (("box_rc",) if rc_box is not None else ())
+        weak, strong, m = self.views(batch, keys)
+        y_box = self.box_labels(m["box_top1"], m.get("box_rc"))
+        warm_done, refine_on = self.phase(iteration, total)
+        out: dict[str, Tensor | float] = {}
+        student = models.student
+
+        if not warm_done:
+            # Warm-up: the student first imitates the box's reliable pixels, so the EMA teacher that
+            # refines labels later starts from something that already knows the task.
+            y, w = y_box, quality_weights(y_box)
+            loss_strong = pixel_weighted_cross_entropy(student(strong), y, w)
+            loss_weak = pixel_weighted_cross_entropy(student(weak), y)
+            metric_loss = None
+            stats = {"kept_box": _label_fractions(y), "overridden": 0.0, "filled": 0.0,
+                     "ignored": 1 - _label_fractions(y)}
+        else:
+            _, rc_t, pred_t, feats = self.teacher_predict(models, weak, features=self.uses_metric)
+            self.update_teacher_thresholds(rc_t, pred_t, m["valid"])
+            if refine_on:
+                # Padding gets teacher confidence -1: it can pass no threshold, so it is never filled.
+                rc_t_valid = torch.where(m["valid"], rc_t, torch.full_like(rc_t, -1.0))
+                y, stats = refine_labels(y_box, m.get("box_rc"), pred_t, rc_t_valid, self.teacher_thresholds.value,
+                                         beta=self.cfg.corte.teacher_scale,
+                                         beta_hard=self.cfg.corte.hard_override_scale)
+            else:
+                y = y_box
+                stats = {"kept_box": _label_fractions(y), "overridden": 0.0, "filled": 0.0,
+                         "ignored": 1 - _label_fractions(y)}
+            w, metric_loss = self.reliability_weights(models, feats, y, stats)
+            masks = self.mixing_masks(y, w)
+            mixed_img, mixed_y, mixed_w = classmix_batch(strong, y, w, masks)
+            loss_strong = self.weighted_ce(student(mixed_img), mixed_y, mixed_w)
+            loss_weak = pixel_weighted_cross_entropy(student(weak), y)
+        loss = loss_strong + self.cfg.corte.weak_weight * loss_weak
+        out["loss_strong"] = loss_strong.detach()
+        out["loss_weak"] = loss_weak.detach()
+        if metric_loss is not None:
+            loss = loss + self.cfg.stvm.metric_weight * metric_loss
+            out["loss_metric"] = metric_loss.detach()
+        out["loss"] = loss
+        out.update({f"labels/{k}": float(v) for k, v in stats.items()})
+        return out
+
+    def weighted_ce(self, logits, labels, weights):
+        return pixel_weighted_cross_entropy(logits, labels, weights)
+
+
+@METHODS.register("corte_metric")
+class CorteMetric(Corte):
+    """CoRTe labels with STvM's metric reliability as pixel weights and metric-guided mixing (MOCM)."""
+
+    uses_metric = True
+
+    def reliability_weights(self, models, feats, labels, stats):
+        metric_loss, rel = self.metric_terms(models, feats, labels)
+        stats["mean_reliability"] = float(rel[labels != IGNORE].mean()) if (labels != IGNORE).any() else 0.0
+        return rel, metric_loss
+
+    def mixing_masks(self, labels, weights):
+        return mocm_mask(labels, weights, power=self.cfg.stvm.mocm_power, generator=self.generator)
+
+    def weighted_ce(self, logits, labels, weights):
+        return reliability_weighted_cross_entropy(logits, labels, weights)
+
+
+@METHODS.register("stvm")
+class STvM(Method):
+    """STvM (METHODS 2): mean teacher on ALL teacher pseudo-labels, each pixel weighted by the metric
+    reliability, metric-guided ClassMix. Student and teacher start from the white-box source weights."""
+
+    uses_teacher = True
+    uses_metric = True
+
+    def step(self, models, batch, iteration, total):
+        weak, strong, m = self.views(batch, ())
+        _, rc_t, y_t, feats = self.teacher_predict(models, weak, features=True)
+        self.update_teacher_thresholds(rc_t, y_t, m["valid"])
+        y_t = torch.where(m["valid"], y_t, torch.full_like(y_t, IGNORE))
+        metric_loss, rel = self.metric_terms(models, feats, y_t)
+        masks = mocm_mask(y_t, rel, power=self.cfg.stvm.mocm_power, generator=self.generator)
+        mixed_img, mixed_y, mixed_r = classmix_batch(strong, y_t, rel, masks)
+        loss_seg = reliability_weighted_cross_entropy(models.student(mixed_img), mixed_y, mixed_r)
+        loss = loss_seg + self.cfg.stvm.metric_weight * metric_loss
+        return {"loss": loss, "loss_seg": loss_seg.detach(), "loss_metric": metric_loss.detach(),
+                "mean_reliability": float(rel[y_t != IGNORE].mean()) if (y_t != IGNORE).any() else 0.0}
+
+
+@METHODS.register("threshold_st")
+class ThresholdST(Method):
+    """Classic self-training baseline: EMA teacher, one global confidence threshold p(1) >= t for the box's
+    labels and the teacher's, ClassMix; the relative, per-class thresholds of CoRTe are what it lacks."""
+
+    uses_teacher = True
+
+    def step(self, models, batch, iteration, total):
+        weak, strong, m = self.views(batch, ("box_top1", "box_p1"))
+        t = self.cfg.threshold_st.threshold
+        y_box = confidence_threshold_labels(m["box_p1"], m["box_top1"], t)
+        warm_done, _ = self.phase(iteration, total)
+        if warm_done:
+            probs_t, _, pred_t, _ = self.teacher_predict(models, weak)
+            y_t = confidence_threshold_labels(probs_t.max(1).values, pred_t, t)
+            y_t = torch.where(m["valid"], y_t, torch.full_like(y_t, IGNORE))
+            y = torch.where(y_t != IGNORE, y_t, y_box)   # the teacher where it is sure, else the box
+            masks = classmix_mask(y, generator=self.generator)
+            img, y_mix, w_mix = classmix_batch(strong, y, quality_weights(y), masks)
+        else:
+            y, img, y_mix, w_mix = y_box, strong, y_box, quality_weights(y_box)
+        loss_strong = pixel_weighted_cross_entropy(models.student(img), y_mix, w_mix)
+        loss_weak = pixel_weighted_cross_entropy(models.student(weak), y)
+        loss = loss_strong + loss_weak
+        return {"loss": loss, "loss_strong": loss_strong.detach(), "loss_weak": loss_weak.detach(),
+                "label_coverage": _label_fractions(y)}
+
+
+def build_method(cfg: Config, box_class_means: Tensor | None, device: torch.device,
+                 reduce: Reducer = _identity, seed: int = 0) -> Method:
+    return METHODS.get(cfg.method)(cfg, box_class_means, device, reduce=reduce, seed=seed)

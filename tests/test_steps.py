@@ -1,0 +1,106 @@
+"""Every method's training step on tiny tensors: losses finite, gradients reach the student, each phase of
+CoRTe taken (warm-up on y_B only, teacher refinement after refine_start), padding never labelled."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from corte_ray.config import load_config
+from corte_ray.methods.steps import METHODS, Models, build_method
+from corte_ray.models import ClassProxies, EMATeacher, MetricHead, build_student
+
+C = 19
+
+
+def _batch(hard: bool = False, b: int = 4, h: int = 32, w: int = 48) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    # Peaked like a trained box: rc spread over [0, 1], p(1) above 0.9 on a good share of pixels.
+    probs = (torch.randn(b, C, h, w, generator=g) * 4).softmax(1)
+    top2 = probs.topk(2, dim=1)
+    batch = {"image": torch.rand(b, 3, h, w, generator=g), "box_top1": top2.indices[:, 0],
+             "box_p1": top2.values[:, 0], "label": torch.randint(0, C, (b, h, w), generator=g)}
+    if hard:
+        batch["box_p1"] = torch.ones(b, h, w)
+    else:
+        batch["box_rc"] = top2.values[:, 0] - top2.values[:, 1]
+    return batch
+
+
+def _setup(method: str, *overrides: str):
+    cfg = load_config(None, [f"method={method}", "data.crop_size=[32,48]", "model.student=mobilenetv3_small_lraspp",
+                             "stvm.metric_pixels=64", *overrides])
+    student = build_student("mobilenetv3_small_lraspp", num_classes=C)
+    cls = METHODS.get(method)
+    models = Models(student=student, teacher=EMATeacher(student, 0.9) if cls.uses_teacher else None)
+    if cls.uses_metric:
+        models.metric_head, models.proxies = MetricHead(student.feature_dim, embed_dim=16), ClassProxies(C, 16)
+        cfg.stvm.embed_dim = 16
+    means = torch.full((C,), 0.2)
+    means[5] = float("nan")  # a class the box never predicted: tau = 1
+    return cfg, models, build_method(cfg, means, torch.device("cpu"), seed=0)
+
+
+@pytest.mark.parametrize("method", METHODS.names())
+@pytest.mark.parametrize("iteration", [0, 90])
+def test_every_method_step_trains_the_student(method, iteration):
+    cfg, models, step = _setup(method)
+    out = step.step(models, _batch(), iteration, 100)
+    assert torch.isfinite(out["loss"]) and out["loss"].requires_grad
+    out["loss"].backward()
+    grads = [p.grad for p in models.student.parameters() if p.requires_grad]
+    assert sum(g is not None and bool(g.abs().sum() > 0) for g in grads) > len(grads) // 2
+    if models.metric_head is not None:
+        # corte_metric trains the metric head only after the warm-up (the teacher is untrained before it).
+        trained = method == "stvm" or iteration >= cfg.corte.warmup * 100
+        assert any(p.grad is not None for p in models.metric_head.parameters()) == trained
+    if models.teacher is not None:
+        assert all(p.grad is None for p in models.teacher.parameters())
+
+
+def test_box_thresholds_scale_with_rc_scale_and_unseen_class_is_one():
+    _, _, step = _setup("corte", "corte.rc_scale=0.5")
+    assert torch.allclose(step.box_thresholds[0], torch.tensor(0.1)) and step.box_thresholds[5] == 1.0
+
+
+def test_corte_phases_warmup_then_refinement():
+    cfg, models, step = _setup("corte", "corte.warmup=0.1", "corte.refine_start=0.5")
+    warm = step.step(models, _batch(), 0, 100)
+    assert warm["labels/overridden"] == 0 and warm["labels/filled"] == 0
+    assert not step.teacher_thresholds._seen.any()          # the teacher is not consulted during warm-up
+    mid = step.step(models, _batch(), 20, 100)                # after warm-up, before refinement: y = y_B
+    assert mid["labels/filled"] == 0 and step.teacher_thresholds._seen.any()
+    late = step.step(models, _batch(), 60, 100)
+    assert abs(sum(late[f"labels/{k}"] for k in ("kept_box", "overridden", "filled", "ignored")) - 1) < 1e-6
+
+
+def test_hard_label_box_runs_without_relative_confidence():
+    _, models, step = _setup("corte", "corte.warmup=0.0", "corte.refine_start=0.0")
+    out = step.step(models, _batch(hard=True), 50, 100)
+    assert torch.isfinite(out["loss"]) and out["labels/filled"] == 0  # a hard box leaves nothing to fill
+
+
+def test_padding_is_never_labelled():
+    # Force down-scaling (scale < 1 -> the crop is padded) and a teacher that is confident everywhere.
+    cfg, models, step = _setup("corte", "corte.warmup=0.0", "corte.refine_start=0.0")
+    weak, _, m = step.views(_batch(), ("box_top1",))
+    assert m["valid"].dtype == torch.bool and (m["box_top1"][~m["valid"]] == 255).all()
+    from corte_ray.methods import steps as steps_mod
+
+    step.teacher_thresholds.update(torch.zeros(C, dtype=torch.float64), torch.ones(C, dtype=torch.float64))
+    captured = {}
+    real = steps_mod.classmix_batch
+
+    def spy(images, labels, weights, masks):
+        captured["labels"] = labels
+        return real(images, labels, weights, masks)
+
+    steps_mod.classmix_batch = spy
+    try:
+        gen_state = step.generator.get_state()
+        step.step(models, _batch(), 50, 100)
+    finally:
+        steps_mod.classmix_batch = real
+    step.generator.set_state(gen_state)
+    _, _, m2 = step.views(_batch(), ("box_top1",))           # the same geometry the step drew
+    assert (captured["labels"][~m2["valid"]] == 255).all()
