@@ -1,0 +1,345 @@
+"""The `corte-ray` command: one sub-command per arrow of the data flow in DESIGN.md, plus `synth` and `demo`.
+
+Every sub-command is a function `cmd_<name>(args) -> int`. User errors (`CorteError`) are printed as one
+line naming the file or key and give exit code 2; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Callable, Sequence
+
+from . import __version__
+from .errors import CorteError
+from .log import setup_logging
+
+log = logging.getLogger("corte_ray")
+
+DATASET_CHOICES = ("cityscapes", "gta5", "synthia", "nthu", "folder", "synth")
+
+
+def _size(text: str) -> tuple[int, int]:
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+        if h <= 0 or w <= 0:
+            raise ValueError
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"size must look like HxW with positive integers, got {text!r}") from None
+    return h, w
+
+
+def _add_dataset_args(p: argparse.ArgumentParser, split_default: str = "val") -> None:
+    p.add_argument("--dataset", required=True, choices=DATASET_CHOICES,
+                   help="dataset format of --root (synth = the directory written by `corte-ray synth`)")
+    p.add_argument("--root", required=True, type=Path, help="dataset root directory")
+    p.add_argument("--split", default=split_default, help="split to read (default: %(default)s)")
+    p.add_argument("--city", default=None,
+                   help="nthu only: Rome, Rio, Tokyo or Taipei (default: every city found)")
+    p.add_argument("--labels-dir", type=Path, default=None,
+                   help="folder only: directory of label PNGs named like the images (default: none)")
+    p.add_argument("--label-space", type=Path, default=None,
+                   help="folder only: YAML label space (default: the 19 Cityscapes train ids)")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="skip unreadable or inconsistent files and report how many, instead of stopping at the first")
+
+
+# ----------------------------------------------------------------------------------------------- synth
+def cmd_synth(args: argparse.Namespace) -> int:
+    from .data.synth import render_benchmark
+
+    stats = render_benchmark(args.out, seed=args.seed, n_source=args.n_source, n_target=args.n_target,
+                             n_val=args.n_val, size=args.size)
+    print(stats.format_table())
+    print(f"wrote the benchmark to {args.out}")
+    return 0
+
+
+# -------------------------------------------------------------------------------------------- evaluate
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .data.datasets import open_dataset
+    from .evaluation import evaluate_predictions
+
+    dataset = open_dataset(args.dataset, args.root, split=args.split, city=args.city,
+                           labels_dir=args.labels_dir, label_space=args.label_space)
+    result = evaluate_predictions(dataset, args.predictions, classes=args.classes, skip_bad=args.skip_bad)
+    print(result.format_table())
+    if args.json:
+        from .io_utils import write_json_atomic
+
+        write_json_atomic(args.json, result.to_json())
+        log.info("wrote %s", args.json)
+    return 0
+
+
+
+# ------------------------------------------------------------------------------------ config helpers
+def _config_from_args(args: argparse.Namespace, base: dict | None = None, extra: Sequence[str] = ()):
+    """Shipped defaults <- --config FILE <- convenience flags <- key=value overrides."""
+    from .config import load_config
+
+    return load_config(args.config, list(extra) + list(args.overrides), base=base)
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default=None,
+                   help="YAML config file, or the name of a shipped one (demo, cityscapes); see corte_ray/configs/")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="config overrides, e.g. corte.rc_scale=0.8 train.iterations=2000 data.crop_size=[512,512]")
+
+
+def _flag_overrides(args: argparse.Namespace, mapping: dict[str, str]) -> list[str]:
+    out = []
+    for attr, key in mapping.items():
+        value = getattr(args, attr, None)
+        if value is not None:
+            if isinstance(value, tuple):
+                value = list(value)
+            out.append(f"{key}={json.dumps(value) if not isinstance(value, str) else value}")
+    return out
+
+
+_DATA_FLAGS = {"dataset": "data.dataset", "root": "data.root", "resize": "data.resize"}
+
+
+# --------------------------------------------------------------------------------------- train-source
+def cmd_train_source(args: argparse.Namespace) -> int:
+    from .pipeline import train_source
+
+    cfg = None
+    if not args.resume:
+        base = {"method": "oracle", "model": {"student": "deeplabv3_resnet50"},
+                "data": {"train_split": "train", "val_split": ""}}
+        cfg = _config_from_args(args, base, _flag_overrides(args, {**_DATA_FLAGS, "arch": "model.student"}))
+    out = train_source(cfg, args.out, args.model_file, resume=args.resume)
+    print(json.dumps(out, indent=2))
+    return 0
+
+
+# -------------------------------------------------------------------------------------------- label
+def cmd_label(args: argparse.Namespace) -> int:
+    from .pipeline import label
+
+    flags = _flag_overrides(args, {**_DATA_FLAGS, "split": "data.train_split", "blackbox": "blackbox.spec",
+                                   "answer": "blackbox.answer", "device": "train.device"})
+    cfg = _config_from_args(args, None, flags)
+    doc = label(cfg, args.out, overwrite=args.overwrite)
+    print(f"labelled {doc['num_images']} images into {args.out}")
+    return 0
+
+
+# -------------------------------------------------------------------------------------------- adapt
+def cmd_adapt(args: argparse.Namespace) -> int:
+    from .pipeline import adapt
+
+    cfg = None
+    if not args.resume:
+        flags = _flag_overrides(args, {**_DATA_FLAGS, "method": "method", "engine": "scaling.engine",
+                                       "blackbox": "blackbox.spec", "label_store": "blackbox.label_store",
+                                       "student": "model.student", "device": "train.device"})
+        cfg = _config_from_args(args, None, flags)
+    elif args.overrides:
+        raise SystemExit("corte-ray adapt: --resume continues a run with its saved config; drop the overrides")
+    result = adapt(cfg, args.out, resume=args.resume)
+    print(json.dumps({"step": result.step, "checkpoint": str(result.checkpoint) if result.checkpoint else None,
+                      **{k: v for k, v in result.metrics.items() if not k.startswith("val_iou/")}}, indent=2))
+    return 0
+
+
+# ------------------------------------------------------------------------------------------- export
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import check_parity, export_model
+    from .pipeline import load_checkpoint_model
+
+    model, cfg = load_checkpoint_model(args.checkpoint, use_teacher=args.teacher)
+    from .data.labels import TRAIN_NAMES
+
+    meta = {"arch": cfg.model.student, "num_classes": cfg.model.num_classes,
+            "class_names": list(TRAIN_NAMES[: cfg.model.num_classes])}
+    size = tuple(args.size or cfg.data.crop_size)
+    path = export_model(model, args.out, format=args.format, example_size=size, meta=meta)
+    # Check at a size other than the trace size: a trace that baked in shapes would fail here.
+    diff = check_parity(model, path, size=(size[0] + 16, size[1] + 32))
+    print(f"exported {args.checkpoint} -> {path} ({args.format}); max |diff| vs PyTorch = {diff:.2e}")
+    if diff > 1e-4:
+        print("corte-ray export: error: parity check failed (max diff > 1e-4)", file=sys.stderr)
+        return 1
+    return 0
+
+
+# ------------------------------------------------------------------------------------------ predict
+def cmd_predict(args: argparse.Namespace) -> int:
+    from .data.datasets import open_dataset
+    from .pipeline import load_checkpoint_model, predict
+
+    model, cfg = load_checkpoint_model(args.checkpoint, use_teacher=args.teacher)
+    dataset = open_dataset(args.dataset, args.root, split=args.split, city=args.city,
+                           labels_dir=args.labels_dir, label_space=args.label_space)
+    n = predict(model, dataset, args.out, resize=args.resize or cfg.data.resize, device=args.device)
+    print(f"wrote {n} predictions to {args.out}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------- models
+def cmd_models(args: argparse.Namespace) -> int:
+    from .models import describe_models
+
+    rows = describe_models((1, 3, *args.size))
+    print(f"{'model':28s} {'kind':8s} {'params (M)':>10s} {'GMACs':>8s}   at {args.size[0]}x{args.size[1]}")
+    for r in rows:
+        print(f"{r['name']:28s} {r['kind']:8s} {r['params'] / 1e6:10.2f} {r['gmacs']:8.2f}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------- demo
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    run_demo(args.out, quick=args.quick, seed=args.seed, device=args.device)
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ main
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="corte-ray",
+        description="Adapt a black-box segmentation model to a new domain as a small, fast student "
+                    "(CoRTe + STvM), on one machine or on a Ray cluster.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"corte-ray {__version__}")
+    verbosity = parser.add_mutually_exclusive_group()
+    verbosity.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
+    verbosity.add_argument("-q", "--quiet", action="store_true", help="warnings and results only, no progress bars")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+
+    p = sub.add_parser("synth", formatter_class=fmt, help="render the synthetic-to-real benchmark",
+                       description="Render the procedural two-domain street-scene benchmark: DIR/source in GTA5 "
+                                   "layout (flat synthetic look) and DIR/target in Cityscapes layout (textured "
+                                   "'real' look). The same seed gives byte-identical files.")
+    p.add_argument("--out", required=True, type=Path, help="output directory")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--n-source", type=int, default=200, help="labelled source images")
+    p.add_argument("--n-target", type=int, default=200, help="unlabelled target training images")
+    p.add_argument("--n-val", type=int, default=50, help="labelled target validation images")
+    p.add_argument("--size", type=_size, default=(128, 256), help="image size HxW")
+    p.set_defaults(func=cmd_synth)
+
+    p = sub.add_parser("evaluate", formatter_class=fmt, help="mIoU of a folder of predicted PNGs",
+                       description="Compute mIoU from one confusion matrix over the whole split. A prediction is a "
+                                   "PNG of train ids (255 = ignore) with the same file name as its image "
+                                   "(X_leftImg8bit.png for Cityscapes; .jpg images -> .png), in one flat folder.")
+    _add_dataset_args(p)
+    p.add_argument("--predictions", required=True, type=Path, help="folder of predicted train-id PNGs")
+    p.add_argument("--classes", default=None,
+                   help="class set to average over: 19, 16 or 13 (default: the dataset's own, e.g. 16 for "
+                        "synthia, 13 for nthu, the rendered classes for synth)")
+    p.add_argument("--json", type=Path, default=None, help="also write the result as JSON to this file")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("demo", formatter_class=fmt, help="the whole pipeline on the embedded synthetic benchmark",
+                       description="synth -> train-source (a heavy model, then hidden behind the black-box "
+                                   "interface) -> label the target -> adapt `distill` and `corte` students -> a "
+                                   "table of target-val mIoU, parameters and CPU images/s, also in OUT/results.json. "
+                                   "Rerunning with the same --out resumes and skips finished steps.")
+    p.add_argument("--out", type=Path, default=Path("demo_out"), help="output directory")
+    p.add_argument("--quick", action="store_true", help="a smaller benchmark and shorter schedules (about 3 min on 2 CPU cores)")
+    p.add_argument("--seed", type=int, default=0, help="random seed for the benchmark and training")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("train-source", formatter_class=fmt, help="train the source model and export it as a black box",
+                       description="Supervised training on a labelled source domain (e.g. GTA5, or the synthetic "
+                                   "benchmark's source), then export as a TorchScript/ONNX model file usable as "
+                                   "--blackbox file:PATH.")
+    p.add_argument("--out", required=True, type=Path, help="run directory (checkpoints, TensorBoard, config)")
+    p.add_argument("--model-file", required=True, type=Path, help="where to write the exported model (.pt or .onnx)")
+    p.add_argument("--dataset", choices=DATASET_CHOICES, default=None, help="source dataset format (data.dataset)")
+    p.add_argument("--root", default=None, help="source dataset root (data.root)")
+    p.add_argument("--arch", default=None, help="source model (model.student; default deeplabv3_resnet50)")
+    p.add_argument("--resize", type=_size, default=None, help="resize images to HxW (data.resize)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_train_source)
+
+    p = sub.add_parser("label", formatter_class=fmt, help="query the black box once per target image; write a label store",
+                       description="Label every image of a split with the black box and write the label store "
+                                   "(Parquet parts + thresholds.json). Rerunning labels only the missing images.")
+    p.add_argument("--dataset", choices=DATASET_CHOICES, default=None, help="dataset format (data.dataset)")
+    p.add_argument("--root", default=None, help="dataset root (data.root)")
+    p.add_argument("--split", default=None, help="split to label (data.train_split, default train)")
+    p.add_argument("--blackbox", default=None, help="file:PATH of a TorchScript/ONNX model, or an http(s) endpoint")
+    p.add_argument("--answer", choices=("probs", "topk", "hard"), default=None,
+                   help="what to ask the box for (blackbox.answer, default probs)")
+    p.add_argument("--resize", type=_size, default=None, help="resize images to HxW before querying (data.resize)")
+    p.add_argument("--device", default=None, help="device for a local box: auto, cpu, cuda")
+    p.add_argument("--out", required=True, type=Path, help="label store directory")
+    p.add_argument("--overwrite", action="store_true", help="relabel everything instead of resuming")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_label)
+
+    p = sub.add_parser("adapt", formatter_class=fmt, help="adapt a student to the target domain",
+                       description="Train a lightweight student on unlabelled target images with black-box labels: "
+                                   "CoRTe (corte), STvM (stvm), both (corte_metric), or a baseline (distill, "
+                                   "threshold_st, oracle). Checkpoints, TensorBoard and metrics.jsonl go to --out.")
+    p.add_argument("--out", required=True, type=Path, help="run directory")
+    p.add_argument("--method", default=None, help="corte, stvm, corte_metric, distill, threshold_st or oracle")
+    p.add_argument("--engine", choices=("local", "ray"), default=None, help="scaling.engine (default local)")
+    p.add_argument("--dataset", choices=DATASET_CHOICES, default=None, help="target dataset format (data.dataset)")
+    p.add_argument("--root", default=None, help="target dataset root (data.root)")
+    p.add_argument("--blackbox", default=None, help="black box to label with first (blackbox.spec)")
+    p.add_argument("--label-store", default=None, help="an existing label store (blackbox.label_store)")
+    p.add_argument("--student", default=None, help="student architecture (model.student)")
+    p.add_argument("--resize", type=_size, default=None, help="resize images to HxW (data.resize)")
+    p.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:N (train.device)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_adapt)
+
+    p = sub.add_parser("export", formatter_class=fmt, help="export a checkpoint's student to TorchScript or ONNX",
+                       description="Export for deployment and check parity with PyTorch (max abs diff <= 1e-4).")
+    p.add_argument("checkpoint", type=Path, help="checkpoint.pt (or its directory)")
+    p.add_argument("--format", choices=("torchscript", "onnx"), default="torchscript", help="export format")
+    p.add_argument("--out", required=True, type=Path, help="output model file")
+    p.add_argument("--size", type=_size, default=None, help="example input HxW for tracing (default: the crop size)")
+    p.add_argument("--teacher", action="store_true", help="export the EMA teacher instead of the student")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("predict", formatter_class=fmt, help="write prediction PNGs of a checkpoint",
+                       description="One train-id PNG per image, named like the image, ready for `corte-ray evaluate`.")
+    p.add_argument("checkpoint", type=Path, help="checkpoint.pt (or its directory)")
+    _add_dataset_args(p)
+    p.add_argument("--out", required=True, type=Path, help="output folder")
+    p.add_argument("--resize", type=_size, default=None, help="predict at HxW (default: the run's data.resize)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--teacher", action="store_true", help="predict with the EMA teacher instead of the student")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("models", formatter_class=fmt, help="list students and source models with parameters and MACs")
+    p.add_argument("--size", type=_size, default=(512, 1024), help="input HxW for the MAC count")
+    p.set_defaults(func=cmd_models)
+
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    setup_logging(-1 if args.quiet else args.verbose)
+    try:
+        return int(args.func(args) or 0)
+    except CorteError as exc:
+        print(f"corte-ray {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"corte-ray {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

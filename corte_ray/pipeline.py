@@ -1,0 +1,168 @@
+"""What each CLI sub-command does, as plain functions (the CLI parses arguments; `demo` chains these).
+
+Every function writes into a run directory that the next one reads; nothing lives only in memory, so a killed
+command is rerun with `--resume` and continues from its last checkpoint or label part.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .config import Config, load_config, save_config
+from .errors import ConfigError, InputError
+
+log = logging.getLogger(__name__)
+
+
+def prepare_run_dir(run_dir: str | Path, cfg: Config | None, resume: bool) -> Config:
+    """New run: refuse to clobber an existing run and save the resolved config. Resume: load the saved config."""
+    run_dir = Path(run_dir)
+    cfg_path = run_dir / "config.yaml"
+    if resume:
+        if not cfg_path.exists():
+            raise InputError(cfg_path, "cannot resume: no saved config in this run directory")
+        return load_config(cfg_path)
+    if cfg_path.exists():
+        raise InputError(run_dir, "already holds a run; pass --resume to continue it, or choose another --out")
+    assert cfg is not None
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, cfg_path)
+    return cfg
+
+
+def open_label_store(cfg: Config, run_dir: Path):
+    """The run's label store: the one named in the config, or one labelled now into RUN/labels (once)."""
+    from .blackbox.store import LabelStore
+
+    if cfg.blackbox.label_store:
+        return LabelStore(cfg.blackbox.label_store)
+    if not cfg.blackbox.spec:
+        raise ConfigError("blackbox.spec: the method needs black-box labels; set blackbox.spec=file:MODEL "
+                          "(or http://...) or blackbox.label_store=STORE")
+    store_dir = run_dir / "labels"
+    label(cfg, store_dir)
+    return LabelStore(store_dir)
+
+
+def label(cfg: Config, store_dir: str | Path, overwrite: bool = False) -> dict:
+    """Query the black box once for every target training image; write the label store."""
+    from .blackbox import open_blackbox
+    from .blackbox.store import label_dataset_local
+    from .data.datasets import open_dataset
+
+    dataset = open_dataset(cfg.data.dataset, Path(cfg.data.root), split=cfg.data.train_split, city=cfg.data.city,
+                           labels_dir=cfg.data.labels_dir, label_space=cfg.data.label_space)
+    box = open_blackbox(cfg.blackbox.spec, answer=cfg.blackbox.answer, topk=cfg.blackbox.topk,
+                        device=cfg.train.device, batch_size=cfg.blackbox.batch_size)
+    try:
+        t0 = time.perf_counter()
+        doc = label_dataset_local(dataset, box, store_dir, resize=cfg.data.resize, batch_size=cfg.blackbox.batch_size,
+                                  overwrite=overwrite, k=cfg.blackbox.topk)
+        log.info("labelled %d images into %s in %.1fs", doc["num_images"], store_dir, time.perf_counter() - t0)
+        return doc
+    finally:
+        box.close()
+
+
+def adapt(cfg: Config | None, run_dir: str | Path, resume: bool = False):
+    """Adapt a student on the target domain (any method); returns the loop's TrainResult."""
+    from .train.context import LocalContext, resolve_device
+    from .train.loop import train
+    from .methods.steps import METHODS
+
+    run_dir = Path(run_dir)
+    cfg = prepare_run_dir(run_dir, cfg, resume)
+    if cfg.scaling.engine == "ray":
+        raise ConfigError("scaling.engine: the Ray Train engine is not available in this version; use "
+                          "--engine local (scaling.engine=local)")
+    store = None if METHODS.get(cfg.method).needs_ground_truth else open_label_store(cfg, run_dir)
+    ctx = LocalContext(run_dir, resolve_device(cfg.train.device), cfg.train.keep_checkpoints)
+    return train(cfg, ctx, store)
+
+
+def load_checkpoint_model(path: str | Path, use_teacher: bool = False):
+    """(model in eval mode, resolved Config) from a training checkpoint, loaded with weights_only=True."""
+    from .config import from_dict
+    from .models import build_model
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / "checkpoint.pt"
+    if not path.exists():
+        raise InputError(path, "checkpoint not found")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - torch raises many types for a bad file
+        raise InputError(path, f"not a readable checkpoint ({type(exc).__name__}: {exc})") from None
+    if not isinstance(state, dict) or "config" not in state or "student" not in state:
+        raise InputError(path, "not a corte-ray checkpoint (no config/student inside)")
+    cfg = from_dict(state["config"])
+    model = build_model(cfg.model.student, cfg.model.num_classes)
+    key = "teacher" if use_teacher and "teacher" in state else "student"
+    sd = state[key]
+    if key == "teacher":  # EMATeacher keeps the copy under `module.`
+        sd = {k.split("module.", 1)[1] if k.startswith("module.") else k: v for k, v in sd.items()}
+    model.load_state_dict(sd)
+    return model.eval(), cfg
+
+
+def train_source(cfg: Config, run_dir: str | Path, export_path: str | Path, resume: bool = False) -> dict:
+    """Supervised training of the (heavy) source model on labelled source data, then export it as the
+    black-box model file. The training is the `oracle` method of the same loop, on the source domain."""
+    from .export import export_model
+    from .train.context import LocalContext, resolve_device
+    from .train.loop import train
+
+    run_dir = Path(run_dir)
+    cfg = prepare_run_dir(run_dir, cfg, resume)
+    if cfg.method != "oracle":
+        raise ConfigError("method: train-source trains on source labels (method=oracle)")
+    ctx = LocalContext(run_dir, resolve_device(cfg.train.device), cfg.train.keep_checkpoints)
+    result = train(cfg, ctx, store=None)
+    ckpt = ctx.latest_checkpoint()
+    model, _ = load_checkpoint_model(ckpt)
+    from .data.labels import TRAIN_NAMES
+
+    meta = {"arch": cfg.model.student, "num_classes": cfg.model.num_classes,
+            "class_names": list(TRAIN_NAMES[: cfg.model.num_classes]), "trained_on": f"{cfg.data.dataset}:{cfg.data.root}"}
+    size = tuple(cfg.data.crop_size)
+    export_model(model, export_path, format=_format_of(export_path), example_size=size, meta=meta)
+    log.info("exported the source model to %s", export_path)
+    return {"step": result.step, "checkpoint": str(ckpt), "model_file": str(export_path)}
+
+
+def _format_of(path: str | Path) -> str:
+    return "onnx" if str(path).endswith(".onnx") else "torchscript"
+
+
+def predict(model: torch.nn.Module, dataset, out_dir: str | Path, resize: tuple[int, int] | None = None,
+            device: str = "auto", max_images: int | None = None) -> int:
+    """Write one train-id PNG per image (same file name as the image), predicted at `resize`, saved at the
+    image's own size. Returns the number written."""
+    from PIL import Image
+
+    from .data.transforms import resize_image
+    from .io_utils import write_atomic
+    from .log import progress
+    from .train.context import resolve_device
+
+    dev = resolve_device(device)
+    model = model.to(dev).eval()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    samples = dataset.samples[:max_images] if max_images else dataset.samples
+    with torch.inference_mode():
+        for sample in progress(samples, desc="predict", unit="img"):
+            img = dataset.read_image(sample)
+            x = torch.from_numpy(np.ascontiguousarray(resize_image(img, resize or img.shape[:2]).transpose(2, 0, 1)))
+            logits = model(x[None].to(dev).float() / 255.0)
+            logits = torch.nn.functional.interpolate(logits.float(), size=img.shape[:2], mode="bilinear",
+                                                     align_corners=False)
+            pred = logits.argmax(1)[0].to(torch.uint8).cpu().numpy()
+            write_atomic(out_dir / sample.pred_name, lambda tmp, p=pred: Image.fromarray(p).save(tmp, format="PNG"))
+    return len(samples)

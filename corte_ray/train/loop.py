@@ -1,0 +1,327 @@
+"""The adaptation loop: one screen, top to bottom, the same under every engine.
+
+`train(cfg, ctx)` builds the student (and EMA teacher / metric head when the method needs them), reads target
+images with the black box's stored answer, runs the method's step, and owns backward, optimiser steps, the EMA
+update, evaluation, checkpoints and TensorBoard. The engine only supplies the context (context.py): rank,
+device, all-reduce, where checkpoints go, how metrics are reported. No Ray import here.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset as TorchDataset, Sampler
+
+from ..config import Config
+from ..data.datasets import Dataset, open_dataset
+from ..data.transforms import resize_image, resize_map
+from ..errors import ConfigError, InputError
+from ..methods.steps import Models, build_method, METHODS
+from ..models import build_model
+
+log = logging.getLogger(__name__)
+IGNORE = 255
+
+
+# ------------------------------------------------------------------------------------------------ data
+class TargetTrainSet(TorchDataset):
+    """Target images joined with the black box's stored answer (or ground truth for `oracle`)."""
+
+    def __init__(self, dataset: Dataset, store=None, resize: tuple[int, int] | None = None,
+                 with_labels: bool = False) -> None:
+        self.dataset, self.store, self.resize, self.with_labels = dataset, store, resize, with_labels
+        if store is not None:
+            missing = [s.key for s in dataset.samples if s.key not in store]
+            if missing:
+                raise InputError(store.root, f"{len(missing)} of {len(dataset)} images have no labels in the store "
+                                             f"(first: {missing[0]}); rerun `corte-ray label` to complete it")
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+        sample = self.dataset[i]
+        img = self.dataset.read_image(sample)
+        out: dict[str, np.ndarray] = {}
+        if self.with_labels:
+            out["label"] = self.dataset.read_label(sample, img.shape[:2])
+        if self.store is not None:
+            box = self.store.get(sample.key)
+            out["box_top1"], out["box_p1"] = box.top1, box.p1
+            if box.rc is not None:
+                out["box_rc"] = box.rc
+        size = self.resize or img.shape[:2]
+        img = resize_image(img, size)
+        out = {k: resize_map(v, size) for k, v in out.items()}   # the store may hold another resolution
+        out["image"] = np.ascontiguousarray(img.transpose(2, 0, 1))
+        return out
+
+
+class ResumableSampler(Sampler[int]):
+    """A fresh permutation per epoch from (seed, epoch), starting `skip` items into the first epoch.
+
+    The order depends only on the step count, so a resumed run sees exactly the batches it would have seen.
+    """
+
+    def __init__(self, n: int, seed: int, start_epoch: int = 0, skip: int = 0) -> None:
+        self.n, self.seed, self.epoch, self.skip = n, seed, start_epoch, skip
+
+    def __iter__(self):
+        while True:
+            g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
+            order = torch.randperm(self.n, generator=g).tolist()
+            yield from order[self.skip:]
+            self.skip = 0
+            self.epoch += 1
+
+    def __len__(self) -> int:  # infinite in practice; DataLoader only needs it for len(loader)
+        return 2 ** 62
+
+
+def _collate(items: list[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
+    keys = items[0].keys()
+    shapes = {it["image"].shape for it in items}
+    if len(shapes) > 1:
+        raise ConfigError(f"data.resize: images of different sizes {sorted(shapes)} in one batch; set data.resize=[H, W]")
+    return {k: torch.from_numpy(np.stack([it[k] for it in items])) for k in keys}
+
+
+def to_device_batch(batch: dict[str, torch.Tensor], device: torch.device, channels_last: bool) -> dict[str, torch.Tensor]:
+    out = {}
+    for k, v in batch.items():
+        v = v.to(device, non_blocking=True)
+        if k == "image":
+            v = v.float().div_(255.0)
+            if channels_last:
+                v = v.contiguous(memory_format=torch.channels_last)
+        elif k in ("box_top1", "label"):
+            v = v.long()
+        else:
+            v = v.float()
+        out[k] = v
+    return out
+
+
+# ------------------------------------------------------------------------------------------- evaluation
+@torch.no_grad()
+def evaluate_model(model: nn.Module, dataset: Dataset, classes: tuple[int, ...], num_classes: int, device: torch.device,
+                   resize: tuple[int, int] | None, ctx, max_images: int | None = None, amp: bool = True,
+                   shard: bool = True) -> dict:
+    """mIoU from one confusion matrix over the split, all-reduced across ranks (each rank takes every
+    world_size-th image). Predictions are made at the working resolution and up-sampled to the label's."""
+    from ..evaluation import confusion_matrix, iou_per_class
+
+    model.eval()
+    samples = dataset.samples[:max_images] if max_images else dataset.samples
+    mine = samples[ctx.rank::ctx.world_size] if shard else samples
+    conf = np.zeros((num_classes, num_classes), dtype=np.int64)
+    use_amp = amp and device.type == "cuda"
+    for sample in mine:
+        img = dataset.read_image(sample)
+        label = dataset.read_label(sample, img.shape[:2])
+        x = torch.from_numpy(np.ascontiguousarray(resize_image(img, resize or img.shape[:2]).transpose(2, 0, 1)))
+        x = x[None].to(device).float() / 255.0
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+            logits = model(x)
+        logits = torch.nn.functional.interpolate(logits.float(), size=label.shape, mode="bilinear", align_corners=False)
+        pred = logits.argmax(1)[0].cpu().numpy().astype(np.uint8)
+        conf += confusion_matrix(pred, label, num_classes)
+    total = torch.from_numpy(conf).to(device)
+    if shard:
+        ctx.all_reduce_(total)
+    conf = total.cpu().numpy()
+    iou = iou_per_class(conf)
+    chosen = np.array([iou[c] for c in classes])
+    miou = float(np.nanmean(chosen) * 100) if np.isfinite(chosen).any() else float("nan")
+    names = dataset.label_space.class_names
+    return {"miou": miou, "per_class": {names[c]: (None if np.isnan(iou[c]) else float(iou[c] * 100)) for c in classes},
+            "num_images": len(samples)}
+
+
+# ------------------------------------------------------------------------------------------------ models
+def poly_lr(step: int, total: int, warmup: int, power: float = 0.9) -> float:
+    """Linear warm-up then polynomial decay: the schedule of DAFormer/DACS."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    return max(0.0, 1 - (step - warmup) / max(1, total - warmup)) ** power
+
+
+@dataclass
+class TrainResult:
+    step: int
+    metrics: dict
+    checkpoint: Path | None
+
+
+def train(cfg: Config, ctx, store=None) -> TrainResult:
+    """Run (or resume) one adaptation; returns the last metrics. `store` is an open LabelStore (None = oracle)."""
+    from ..models import ClassProxies, EMATeacher, MetricHead
+
+    device = ctx.device
+    tcfg = cfg.train
+    if tcfg.cpu_threads:
+        # OpenMP threads spin while waiting: more threads than free cores slows CPU training 10x or more.
+        torch.set_num_threads(tcfg.cpu_threads)
+    torch.manual_seed(tcfg.seed + ctx.rank)
+    method_cls = METHODS.get(cfg.method)
+    channels_last = tcfg.channels_last and device.type == "cuda"
+    use_amp = tcfg.amp and device.type == "cuda"
+
+    # ---- data
+    train_set = open_dataset(cfg.data.dataset, Path(cfg.data.root), split=cfg.data.train_split, city=cfg.data.city,
+                             labels_dir=cfg.data.labels_dir, label_space=cfg.data.label_space)
+    val_set = None
+    if cfg.data.val_split:
+        val_set = open_dataset(cfg.data.dataset, Path(cfg.data.root), split=cfg.data.val_split, city=cfg.data.city,
+                               labels_dir=cfg.data.labels_dir, label_space=cfg.data.label_space)
+    if not method_cls.needs_ground_truth and store is None:
+        raise ConfigError(f"method {cfg.method} needs black-box labels: set blackbox.label_store or blackbox.spec")
+    # Each rank reads its own slice of the target set (the Ray engine feeds shards through Ray Data instead).
+    if ctx.world_size > 1:
+        train_set.samples = train_set.samples[ctx.rank::ctx.world_size]
+    data = TargetTrainSet(train_set, None if method_cls.needs_ground_truth else store, cfg.data.resize,
+                          with_labels=method_cls.needs_ground_truth)
+
+    # ---- models and optimisers
+    student = build_model(cfg.model.student, cfg.model.num_classes, cfg.model.pretrained, cfg.model.weights).to(device)
+    if channels_last:
+        student = student.to(memory_format=torch.channels_last)
+    teacher = EMATeacher(student, cfg.ema.momentum) if method_cls.uses_teacher else None
+    metric_head = proxies = None
+    metric_params: list[nn.Parameter] = []
+    if method_cls.uses_metric:
+        metric_head = MetricHead(student.feature_dim, embed_dim=cfg.stvm.embed_dim).to(device)
+        proxies = ClassProxies(cfg.model.num_classes, cfg.stvm.embed_dim).to(device)
+        metric_params = list(metric_head.parameters()) + list(proxies.parameters())
+    wrapped = ctx.wrap_model(student)
+    opt = torch.optim.AdamW(student.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay)
+    metric_opt = torch.optim.AdamW(metric_params, lr=cfg.stvm.metric_lr) if metric_params else None
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: poly_lr(s, tcfg.iterations, tcfg.lr_warmup))
+    means = None if store is None or method_cls.needs_ground_truth else torch.from_numpy(store.class_mean_rc())
+    method = build_method(cfg, means, device, reduce=ctx.all_reduce_, seed=tcfg.seed * 1000 + ctx.rank)
+    models = Models(student=wrapped, teacher=teacher, metric_head=metric_head, proxies=proxies)
+
+    # ---- resume
+    step, best = 0, -1.0
+    ckpt_path = ctx.latest_checkpoint()
+    if ckpt_path is not None:
+        state = torch.load(ckpt_path, map_location=device, weights_only=True)
+        student.load_state_dict(state["student"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        if teacher is not None:
+            teacher.load_state_dict(state["teacher"])
+        if metric_head is not None:
+            metric_head.load_state_dict(state["metric_head"])
+            proxies.load_state_dict(state["proxies"])
+            metric_opt.load_state_dict(state["metric_optimizer"])
+        method.load_state_dict(state["method"])
+        torch.set_rng_state(state["torch_rng"])
+        step, best = int(state["step"]), float(state["best_miou"])
+        log.info("resumed from %s at step %d", ckpt_path, step)
+
+    n_batches = max(1, len(data) // cfg.data.batch_size)
+    if len(data) < cfg.data.batch_size:
+        raise InputError(train_set.root, f"{len(data)} training images on this rank, fewer than data.batch_size="
+                                         f"{cfg.data.batch_size}")
+    sampler = ResumableSampler(len(data), tcfg.seed * 7919 + ctx.rank, start_epoch=step // n_batches,
+                               skip=(step % n_batches) * cfg.data.batch_size)
+    loader = DataLoader(data, batch_size=cfg.data.batch_size, sampler=sampler, collate_fn=_collate,
+                        num_workers=cfg.data.loader_workers, drop_last=True,
+                        persistent_workers=cfg.data.loader_workers > 0)
+    batches = iter(loader)
+
+    writer = None
+    if ctx.is_main:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(Path(ctx.run_dir) / "tensorboard"))
+    val_classes = val_set.label_space.eval_classes() if val_set is not None else ()
+
+    def run_eval() -> dict:
+        if val_set is None:
+            return {}
+        res = evaluate_model(student, val_set, val_classes, cfg.model.num_classes, device, cfg.data.resize, ctx,
+                             max_images=cfg.data.val_max_images, amp=tcfg.amp)
+        student.train()
+        return res
+
+    def checkpoint_state() -> dict:
+        state = {"step": step, "best_miou": best, "config": cfg.to_dict(), "arch": cfg.model.student,
+                 "student": student.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                 "method": method.state_dict(), "torch_rng": torch.get_rng_state()}
+        if teacher is not None:
+            state["teacher"] = teacher.state_dict()
+        if metric_head is not None:
+            state.update(metric_head=metric_head.state_dict(), proxies=proxies.state_dict(),
+                         metric_optimizer=metric_opt.state_dict())
+        return state
+
+    student.train()
+    metrics: dict = {}
+    last_ckpt: Path | None = None
+    t_window, imgs_window = time.perf_counter(), 0
+    while step < tcfg.iterations:
+        batch = to_device_batch(next(batches), device, channels_last)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+            out = method.step(models, batch, step, tcfg.iterations)
+        loss = out["loss"]
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"loss is {loss.item()} at step {step}; lower train.lr or check the labels")
+        opt.zero_grad(set_to_none=True)
+        if metric_opt is not None:
+            metric_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if metric_opt is not None:
+            metric_opt.step()
+        sched.step()
+        if teacher is not None:
+            # Every rank updates its teacher from the same all-reduced student weights: teachers stay identical.
+            teacher.update(student)
+        step += 1
+        imgs_window += batch["image"].shape[0] * ctx.world_size
+
+        if writer is not None and (step % tcfg.log_every == 0 or step == tcfg.iterations):
+            # .item() calls are CPU-GPU sync points: only on logging steps.
+            elapsed = time.perf_counter() - t_window
+            writer.add_scalar("train/images_per_s", imgs_window / max(elapsed, 1e-9), step)
+            writer.add_scalar("train/lr", sched.get_last_lr()[0], step)
+            for k, v in out.items():
+                writer.add_scalar(k if "/" in k else f"train/{k}", float(v.detach() if torch.is_tensor(v) else v), step)
+            t_window, imgs_window = time.perf_counter(), 0
+
+        eval_due = tcfg.eval_every and step % tcfg.eval_every == 0
+        ckpt_due = tcfg.checkpoint_every and step % tcfg.checkpoint_every == 0
+        if eval_due or ckpt_due or step == tcfg.iterations:
+            metrics = {"step": step, **{k: float(v.detach() if torch.is_tensor(v) else v) for k, v in out.items()}}
+            if eval_due or step == tcfg.iterations:
+                res = run_eval()
+                if res:
+                    metrics["val_miou"] = res["miou"]
+                    metrics.update({f"val_iou/{k}": v for k, v in res["per_class"].items() if v is not None})
+                    if writer is not None:
+                        writer.add_scalar("val/miou", res["miou"], step)
+                        for k, v in res["per_class"].items():
+                            if v is not None:
+                                writer.add_scalar(f"val_iou/{k}", v, step)
+            is_best = metrics.get("val_miou", -1.0) > best
+            if is_best:
+                best = metrics["val_miou"]
+            metrics["best_val_miou"] = best
+            last_ckpt = ctx.save_checkpoint(checkpoint_state(), step, is_best) if ctx.is_main else None
+            ctx.report(metrics, last_ckpt)
+            if writer is not None:
+                writer.flush()
+            log.info("step %d/%d loss %.4f%s", step, tcfg.iterations, loss.item(),
+                     f" val mIoU {metrics['val_miou']:.2f}" if "val_miou" in metrics else "")
+    if writer is not None:
+        writer.close()
+    return TrainResult(step=step, metrics=metrics, checkpoint=last_ckpt)

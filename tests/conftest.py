@@ -1,0 +1,22 @@
+"""Shared test set-up: one intra-op thread (OpenMP threads spin, and on a shared 2-core machine two of them
+next to another busy process make convolutions 10-20x slower), no progress bars in captured output."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("CORTE_NO_PROGRESS", "1")
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def tiny_bench(tmp_path_factory):
+    """A tiny synthetic benchmark (rendered once per session)."""
+    from corte_ray.data.synth import render_benchmark
+
+    root = tmp_path_factory.mktemp("bench")
+    render_benchmark(root, seed=0, n_source=12, n_target=12, n_val=4, size=(64, 96))
+    return root
