@@ -77,10 +77,11 @@ def adapt(cfg: Config | None, run_dir: str | Path, resume: bool = False):
 
     run_dir = Path(run_dir)
     cfg = prepare_run_dir(run_dir, cfg, resume)
-    if cfg.scaling.engine == "ray":
-        raise ConfigError("scaling.engine: the Ray Train engine is not available in this version; use "
-                          "--engine local (scaling.engine=local)")
     store = None if METHODS.get(cfg.method).needs_ground_truth else open_label_store(cfg, run_dir)
+    if cfg.scaling.engine == "ray":
+        from .train.ray_engine import fit_ray
+
+        return fit_ray(cfg, run_dir, str(store.root) if store is not None else None)
     ctx = LocalContext(run_dir, resolve_device(cfg.train.device), cfg.train.keep_checkpoints)
     return train(cfg, ctx, store)
 

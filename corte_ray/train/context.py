@@ -51,6 +51,14 @@ class LocalContext:
     def wrap_model(self, model: nn.Module) -> nn.Module:
         return model
 
+    def on_step(self, step: int) -> None:
+        """Called after every optimiser step (the Ray engine's fault-injection hook)."""
+
+    def batches(self, data, cfg, start_step: int):
+        from .loop import local_batches
+
+        return local_batches(data, cfg, self.rank, start_step)
+
     def latest_checkpoint(self) -> Path | None:
         ckpts = sorted(self.ckpt_root.glob("step_*/checkpoint.pt"))
         return ckpts[-1] if ckpts else None

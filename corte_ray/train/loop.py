@@ -85,6 +85,22 @@ class ResumableSampler(Sampler[int]):
         return 2 ** 62
 
 
+def sample_order(n: int, batch_size: int, seed: int, rank: int, start_step: int) -> ResumableSampler:
+    """Image indices in training order from `start_step` on: a fresh permutation per epoch of whole batches."""
+    per_epoch = max(1, n // batch_size)
+    return ResumableSampler(n, seed * 7919 + rank, start_epoch=start_step // per_epoch,
+                            skip=(start_step % per_epoch) * batch_size)
+
+
+def local_batches(data: TargetTrainSet, cfg: Config, rank: int, start_step: int):
+    """Batches for one process: a DataLoader over `sample_order` (workers decode in parallel when asked)."""
+    sampler = sample_order(len(data), cfg.data.batch_size, cfg.train.seed, rank, start_step)
+    loader = DataLoader(data, batch_size=cfg.data.batch_size, sampler=sampler, collate_fn=_collate,
+                        num_workers=cfg.data.loader_workers, drop_last=True,
+                        persistent_workers=cfg.data.loader_workers > 0)
+    return iter(loader)
+
+
 def _collate(items: list[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
     keys = items[0].keys()
     shapes = {it["image"].shape for it in items}
@@ -146,6 +162,20 @@ def evaluate_model(model: nn.Module, dataset: Dataset, classes: tuple[int, ...],
 
 
 # ------------------------------------------------------------------------------------------------ models
+def average_across_ranks(tensors: list[torch.Tensor], ctx) -> None:
+    """In-place mean over ranks of every tensor (one flat all-reduce); nothing to do in one process."""
+    if ctx.world_size == 1 or not tensors:
+        return
+    flat = torch.cat([t.detach().reshape(-1).float() for t in tensors])
+    ctx.all_reduce_(flat)
+    flat /= ctx.world_size
+    offset = 0
+    for t in tensors:
+        n = t.numel()
+        t.detach().copy_(flat[offset:offset + n].view_as(t))
+        offset += n
+
+
 def poly_lr(step: int, total: int, warmup: int, power: float = 0.9) -> float:
     """Linear warm-up then polynomial decay: the schedule of DAFormer/DACS."""
     if warmup and step < warmup:
@@ -158,6 +188,7 @@ class TrainResult:
     step: int
     metrics: dict
     checkpoint: Path | None
+    models: Models | None = None   # in-process runs only (not sent back from Ray workers)
 
 
 def train(cfg: Config, ctx, store=None) -> TrainResult:
@@ -169,7 +200,9 @@ def train(cfg: Config, ctx, store=None) -> TrainResult:
     if tcfg.cpu_threads:
         # OpenMP threads spin while waiting: more threads than free cores slows CPU training 10x or more.
         torch.set_num_threads(tcfg.cpu_threads)
-    torch.manual_seed(tcfg.seed + ctx.rank)
+    # Models are built under the same seed on every rank (replicas must start identical: the teacher is a copy,
+    # the metric head is not in DDP); per-rank randomness (dropout) is seeded after.
+    torch.manual_seed(tcfg.seed)
     method_cls = METHODS.get(cfg.method)
     channels_last = tcfg.channels_last and device.type == "cuda"
     use_amp = tcfg.amp and device.type == "cuda"
@@ -183,9 +216,6 @@ def train(cfg: Config, ctx, store=None) -> TrainResult:
                                labels_dir=cfg.data.labels_dir, label_space=cfg.data.label_space)
     if not method_cls.needs_ground_truth and store is None:
         raise ConfigError(f"method {cfg.method} needs black-box labels: set blackbox.label_store or blackbox.spec")
-    # Each rank reads its own slice of the target set (the Ray engine feeds shards through Ray Data instead).
-    if ctx.world_size > 1:
-        train_set.samples = train_set.samples[ctx.rank::ctx.world_size]
     data = TargetTrainSet(train_set, None if method_cls.needs_ground_truth else store, cfg.data.resize,
                           with_labels=method_cls.needs_ground_truth)
 
@@ -193,14 +223,15 @@ def train(cfg: Config, ctx, store=None) -> TrainResult:
     student = build_model(cfg.model.student, cfg.model.num_classes, cfg.model.pretrained, cfg.model.weights).to(device)
     if channels_last:
         student = student.to(memory_format=torch.channels_last)
-    teacher = EMATeacher(student, cfg.ema.momentum) if method_cls.uses_teacher else None
     metric_head = proxies = None
     metric_params: list[nn.Parameter] = []
     if method_cls.uses_metric:
         metric_head = MetricHead(student.feature_dim, embed_dim=cfg.stvm.embed_dim).to(device)
         proxies = ClassProxies(cfg.model.num_classes, cfg.stvm.embed_dim).to(device)
         metric_params = list(metric_head.parameters()) + list(proxies.parameters())
-    wrapped = ctx.wrap_model(student)
+    wrapped = ctx.wrap_model(student)   # DDP broadcasts rank 0's weights: copy the teacher after this
+    teacher = EMATeacher(student, cfg.ema.momentum) if method_cls.uses_teacher else None
+    torch.manual_seed(tcfg.seed + ctx.rank)
     opt = torch.optim.AdamW(student.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay)
     metric_opt = torch.optim.AdamW(metric_params, lr=cfg.stvm.metric_lr) if metric_params else None
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: poly_lr(s, tcfg.iterations, tcfg.lr_warmup))
@@ -227,16 +258,12 @@ def train(cfg: Config, ctx, store=None) -> TrainResult:
         step, best = int(state["step"]), float(state["best_miou"])
         log.info("resumed from %s at step %d", ckpt_path, step)
 
-    n_batches = max(1, len(data) // cfg.data.batch_size)
     if len(data) < cfg.data.batch_size:
-        raise InputError(train_set.root, f"{len(data)} training images on this rank, fewer than data.batch_size="
+        raise InputError(train_set.root, f"{len(data)} training images, fewer than data.batch_size="
                                          f"{cfg.data.batch_size}")
-    sampler = ResumableSampler(len(data), tcfg.seed * 7919 + ctx.rank, start_epoch=step // n_batches,
-                               skip=(step % n_batches) * cfg.data.batch_size)
-    loader = DataLoader(data, batch_size=cfg.data.batch_size, sampler=sampler, collate_fn=_collate,
-                        num_workers=cfg.data.loader_workers, drop_last=True,
-                        persistent_workers=cfg.data.loader_workers > 0)
-    batches = iter(loader)
+    # The engine decides how batches arrive (a DataLoader here, a Ray Data shard under Ray Train); the
+    # order of images is always `sample_order`, a function of the seed, the rank and the step.
+    batches = ctx.batches(data, cfg, step)
 
     writer = None
     if ctx.is_main:
@@ -281,12 +308,20 @@ def train(cfg: Config, ctx, store=None) -> TrainResult:
         loss.backward()
         opt.step()
         if metric_opt is not None:
+            # The metric head is not in DDP (it trains on detached teacher features): average its gradients here.
+            average_across_ranks([p.grad for p in metric_params if p.grad is not None], ctx)
             metric_opt.step()
         sched.step()
+        # DDP averages gradients but not BatchNorm running statistics: average them, so every rank's student,
+        # and so its EMA teacher (which averages buffers too), stays identical.
+        average_across_ranks([b for b in student.buffers() if b.is_floating_point()], ctx)
+        if metric_head is not None:
+            average_across_ranks([b for b in metric_head.buffers() if b.is_floating_point()], ctx)
         if teacher is not None:
-            # Every rank updates its teacher from the same all-reduced student weights: teachers stay identical.
+            # Every rank updates its teacher from the same student weights: teachers stay identical.
             teacher.update(student)
         step += 1
+        ctx.on_step(step)
         imgs_window += batch["image"].shape[0] * ctx.world_size
 
         if writer is not None and (step % tcfg.log_every == 0 or step == tcfg.iterations):
@@ -324,4 +359,4 @@ def train(cfg: Config, ctx, store=None) -> TrainResult:
                      f" val mIoU {metrics['val_miou']:.2f}" if "val_miou" in metrics else "")
     if writer is not None:
         writer.close()
-    return TrainResult(step=step, metrics=metrics, checkpoint=last_ckpt)
+    return TrainResult(step=step, metrics=metrics, checkpoint=last_ckpt, models=models)

@@ -1,0 +1,217 @@
+"""The Ray Train engine: the loop of loop.py on N workers (DDP student), fed by a Ray Data stream.
+
+Driver (`fit_ray`): checks the cluster can run the job, builds a Ray Data stream of target images joined with
+the label store (decoded in parallel by Ray Data tasks, in the order `sample_order` gives), and runs a
+`TorchTrainer` with `FailureConfig` (a lost worker restarts the group from the last checkpoint).
+
+Worker (`train_loop_per_worker`): `RayContext` gives the loop its rank, device, an all-reduce, its dataset
+shard and Ray Train's checkpoints. Only the student is wrapped in DDP; the EMA teacher and the metric head are
+updated on every rank from identical (all-reduced) weights, so they stay identical without communication.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+import ray
+import ray.train
+from ray.train.torch import TorchTrainer
+
+from ..config import Config, from_dict
+from ..errors import ConfigError
+
+log = logging.getLogger(__name__)
+CHECKPOINT_FILE = "checkpoint.pt"
+
+
+class RayContext:
+    """One rank of a Ray Train worker group (the interface of context.LocalContext)."""
+
+    def __init__(self, run_dir: str | Path, fault: dict | None = None) -> None:
+        tctx = ray.train.get_context()
+        self.rank = tctx.get_world_rank()
+        self.world_size = tctx.get_world_size()
+        self.device = ray.train.torch.get_device()
+        self.run_dir = Path(run_dir)
+        self.fault = fault
+        self._tmp: str | None = None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def all_reduce_(self, t: Tensor) -> Tensor:
+        if self.world_size > 1:
+            dist.all_reduce(t)
+        return t
+
+    def wrap_model(self, model: nn.Module) -> nn.Module:
+        if self.world_size == 1:
+            return model
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+    def batches(self, data, cfg: Config, start_step: int):
+        shard = ray.train.get_dataset_shard("train")
+        while True:  # the stream covers the remaining steps; after a restart it starts over, which is fine
+            for batch in shard.iter_torch_batches(batch_size=cfg.data.batch_size, drop_last=True):
+                yield batch
+
+    def latest_checkpoint(self) -> Path | None:
+        ckpt = ray.train.get_checkpoint()
+        if ckpt is None:
+            return None
+        return Path(ckpt.to_directory()) / CHECKPOINT_FILE
+
+    def save_checkpoint(self, state: dict, step: int, is_best: bool) -> Path:
+        # Rank 0 writes into a local temporary directory; `report` hands it to Ray Train, which persists it to
+        # the run's storage (a local path or a cloud URI) and keeps the best k by val mIoU plus the latest.
+        self._tmp = tempfile.mkdtemp(prefix="corte-ckpt-")
+        path = Path(self._tmp) / CHECKPOINT_FILE
+        torch.save(state, path)
+        return path
+
+    def report(self, metrics: dict, checkpoint: Path | None = None) -> None:
+        clean = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+        # Ray keeps the best k checkpoints by this score (and always the latest); unevaluated ones rank last.
+        clean["checkpoint_score"] = float(metrics.get("val_miou", -1.0))
+        ckpt = ray.train.Checkpoint.from_directory(str(checkpoint.parent)) if checkpoint else None
+        name = f"step_{int(metrics['step']):07d}" if ckpt else None
+        ray.train.report(clean, checkpoint=ckpt, checkpoint_dir_name=name)
+        if self.is_main:
+            with open(self.run_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(clean) + "\n")
+        if self._tmp:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+            self._tmp = None
+
+    def on_step(self, step: int) -> None:
+        """Test hook: the named rank dies hard at the named step, once (a marker file remembers).
+
+        It first waits `delay_s`: Ray Train registers a reported checkpoint asynchronously, and a crash within a
+        fraction of a second of a report (which real crashes are not) could otherwise beat the registration."""
+        f = self.fault
+        if f and self.rank == f["rank"] and step == f["step"] and not Path(f["marker"]).exists():
+            import time
+
+            time.sleep(f.get("delay_s", 0.0))
+            Path(f["marker"]).touch()
+            log.warning("fault injection: rank %d exits at step %d", self.rank, step)
+            os._exit(1)
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    from ..blackbox.store import LabelStore
+    from .loop import train
+
+    cfg = from_dict(config["cfg"])
+    if cfg.train.cpu_threads:
+        torch.set_num_threads(cfg.train.cpu_threads)
+    store = LabelStore(config["store"]) if config["store"] else None
+    ctx = RayContext(config["run_dir"], config.get("fault"))
+    result = train(cfg, ctx, store)
+    if config.get("dump_final_weights"):
+        # Test hook: every rank saves what it ends with, to check the replicas stayed identical.
+        m = result.models
+        state = {"student": m.student.state_dict()}
+        if m.teacher is not None:
+            state["teacher"] = m.teacher.state_dict()
+        if m.metric_head is not None:
+            state["metric_head"] = m.metric_head.state_dict()
+            state["proxies"] = m.proxies.state_dict()
+        torch.save(state, Path(config["run_dir"]) / f"final_rank{ctx.rank}.pt")
+
+
+class LoadBatch:
+    """Ray Data callable: image indices -> decoded images + the box's stored answer (or ground truth)."""
+
+    def __init__(self, data) -> None:
+        self.data = data  # a loop.TargetTrainSet; the label store is opened lazily per process
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        items = [self.data[int(i)] for i in batch["index"]]
+        return {k: np.stack([it[k] for it in items]) for k in items[0]}
+
+
+def check_cluster(cfg: Config) -> None:
+    """Fail at once where Ray itself would wait forever for resources that will never come."""
+    res = ray.cluster_resources()
+    s = cfg.scaling
+    if s.use_gpu and res.get("GPU", 0) < 1 and not s.wait_for_gpus:
+        raise ConfigError(f"scaling.use_gpu: the Ray cluster has no GPUs (resources: CPU={res.get('CPU', 0):g}, "
+                          f"GPU=0); use scaling.use_gpu=false, or scaling.wait_for_gpus=true on an autoscaling "
+                          f"cluster whose GPU nodes start on demand")
+    need = s.cpus_per_worker * s.num_workers
+    if not s.use_gpu and res.get("CPU", 0) < need and not s.wait_for_gpus:
+        raise ConfigError(f"scaling.num_workers: {s.num_workers} workers x {s.cpus_per_worker:g} CPUs need {need:g} "
+                          f"CPUs, the cluster has {res.get('CPU', 0):g}; lower scaling.cpus_per_worker (fractions "
+                          f"are fine) or scaling.num_workers")
+
+
+def _latest_step(run_dir: Path) -> int:
+    steps = [int(p.name.split("_")[1]) for p in run_dir.glob("step_*") if p.name.split("_")[1].isdigit()]
+    return max(steps, default=0)
+
+
+def fit_ray(cfg: Config, run_dir: str | Path, store_path: str | None, fault: dict | None = None,
+            dump_final_weights: bool = False):
+    """Run (or resume: same run_dir) one adaptation on Ray Train; returns the loop's last metrics."""
+    from .loop import TargetTrainSet, TrainResult, sample_order
+    from ..data.datasets import open_dataset
+    from ..methods.steps import METHODS
+    from ..blackbox.store import LabelStore
+
+    run_dir = Path(run_dir).resolve()
+    if not ray.is_initialized():
+        ray.init(**({} if os.environ.get("RAY_ADDRESS") else {"num_cpus": os.cpu_count()}))
+    check_cluster(cfg)
+
+    needs_gt = METHODS.get(cfg.method).needs_ground_truth
+    train_set = open_dataset(cfg.data.dataset, Path(cfg.data.root), split=cfg.data.train_split, city=cfg.data.city,
+                             labels_dir=cfg.data.labels_dir, label_space=cfg.data.label_space)
+    data = TargetTrainSet(train_set, None if needs_gt else LabelStore(store_path), cfg.data.resize,
+                          with_labels=needs_gt)
+    start = _latest_step(run_dir)
+    world, b = cfg.scaling.num_workers, cfg.data.batch_size
+    remaining = max(0, cfg.train.iterations - start) * b * world
+    # One global order; with one worker it is exactly the local engine's order (rank 0), so the two engines
+    # can be compared step for step.
+    order = list(itertools.islice(iter(sample_order(len(data), b, cfg.train.seed, 0, start * world)), remaining))
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True
+    ds = ray.data.from_items([{"index": i} for i in order] or [{"index": 0}])
+    ds = ds.map_batches(LoadBatch, fn_constructor_args=(data,), batch_size=b,
+                        compute=ray.data.ActorPoolStrategy(size=1), num_cpus=cfg.scaling.data_cpus)
+
+    s = cfg.scaling
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"cfg": cfg.to_dict(), "run_dir": str(run_dir), "store": store_path, "fault": fault,
+                           "dump_final_weights": dump_final_weights},
+        scaling_config=ray.train.ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,
+                                               resources_per_worker={"CPU": s.cpus_per_worker}),
+        run_config=ray.train.RunConfig(
+            name=run_dir.name, storage_path=str(run_dir.parent),
+            failure_config=ray.train.FailureConfig(max_failures=s.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints,
+                                                         checkpoint_score_attribute="checkpoint_score",
+                                                         checkpoint_score_order="max")),
+        datasets={"train": ds},
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+    )
+    result = trainer.fit()
+    ckpt = Path(result.checkpoint.path) / CHECKPOINT_FILE if result.checkpoint else None
+    return TrainResult(step=int(result.metrics.get("step", start)) if result.metrics else start,
+                       metrics=dict(result.metrics or {}), checkpoint=ckpt)
