@@ -57,7 +57,13 @@ def test_interrupted_then_resumed_equals_uninterrupted(tiny_bench, box_and_store
     assert a["method"]["teacher_thresholds"]["mean"].tolist() == b["method"]["teacher_thresholds"]["mean"].tolist()
     lines = [json.loads(l) for l in (full / "metrics.jsonl").read_text().splitlines()]
     assert [l["step"] for l in lines] == [3, 6] and all(0 <= l["val_miou"] <= 100 for l in lines)
-    assert list((full / "tensorboard").glob("events.out.tfevents.*"))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(full / "tensorboard"))
+    acc.Reload()
+    tags = acc.Tags()
+    assert {"val/miou", "train/lr", "train/images_per_s", "train/loss", "labels/kept_box", "labels/filled"} <= set(tags["scalars"])
+    assert any(t.startswith("val_iou/") for t in tags["scalars"]) and "val/predictions" in tags["images"]
     assert (full / "config.yaml").exists() and load_config(full / "config.yaml").method == "corte"
 
 

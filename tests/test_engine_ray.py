@@ -126,3 +126,21 @@ def test_one_ray_worker_matches_the_local_engine(ray_cluster, tiny_bench, store,
     assert len(a) == len(b) == 6
     # Same seed, same data order, same steps: equal up to float reordering between processes.
     assert a == pytest.approx(b, rel=1e-4, abs=1e-5)
+
+
+def test_failed_run_resumes_from_the_cli(ray_cluster, tiny_bench, store, tmp_path, capsys):
+    from corte_ray.cli import main
+    from corte_ray.config import save_config
+    from corte_ray.errors import CorteError
+    from corte_ray.train.ray_engine import fit_ray
+
+    run = tmp_path / "run"
+    run.mkdir()
+    cfg = _cfg(tiny_bench, store, "method=distill", "scaling.num_workers=1", "train.iterations=4",
+               "train.eval_every=0", "train.checkpoint_every=2", "scaling.max_failures=0")
+    save_config(cfg, run / "config.yaml")   # what `corte-ray adapt` writes before it starts
+    with pytest.raises(CorteError, match="--resume"):
+        fit_ray(cfg, run, str(store), fault={"rank": 0, "step": 3, "marker": str(tmp_path / "m"), "delay_s": 5.0})
+    assert main(["-q", "adapt", "--out", str(run), "--resume"]) == 0
+    steps = [json.loads(l)["step"] for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [2, 4]                  # resumed after step 2, no step repeated

@@ -161,6 +161,26 @@ def evaluate_model(model: nn.Module, dataset: Dataset, classes: tuple[int, ...],
             "num_images": len(samples)}
 
 
+@torch.no_grad()
+def prediction_overlays(model: nn.Module, dataset: Dataset, device: torch.device, resize: tuple[int, int] | None,
+                        n: int = 4) -> torch.Tensor:
+    """A (3, H, W) uint8 grid for TensorBoard: per val image, the image | ground truth | prediction blended 50 %
+    with the class colours."""
+    model.eval()
+    lut = torch.zeros(256, 3, dtype=torch.uint8)
+    lut[: len(dataset.label_space.palette)] = torch.tensor(dataset.label_space.palette, dtype=torch.uint8)
+    rows = []
+    for sample in dataset.samples[:n]:
+        img = resize_image(dataset.read_image(sample), resize or dataset.read_image(sample).shape[:2])
+        gt = torch.from_numpy(resize_map(dataset.read_label(sample), img.shape[:2]).astype(np.int64))
+        x = torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1)))[None].to(device).float() / 255.0
+        pred = model(x).argmax(1)[0].cpu()
+        base = torch.from_numpy(img).float()
+        blend = [(0.5 * base + 0.5 * lut[m].float()).to(torch.uint8) for m in (gt, pred)]
+        rows.append(torch.cat([torch.from_numpy(img)] + blend, dim=1))
+    return torch.cat(rows, dim=0).permute(2, 0, 1).contiguous()
+
+
 # ------------------------------------------------------------------------------------------------ models
 def average_across_ranks(tensors: list[torch.Tensor], ctx) -> None:
     """In-place mean over ranks of every tensor (one flat all-reduce); nothing to do in one process."""
@@ -347,6 +367,9 @@ def train(cfg: Config, ctx, store=None) -> TrainResult:
                         for k, v in res["per_class"].items():
                             if v is not None:
                                 writer.add_scalar(f"val_iou/{k}", v, step)
+                        writer.add_image("val/predictions", prediction_overlays(student, val_set, device,
+                                                                                 cfg.data.resize), step)
+                        student.train()
             is_best = metrics.get("val_miou", -1.0) > best
             if is_best:
                 best = metrics["val_miou"]

@@ -211,7 +211,15 @@ def fit_ray(cfg: Config, run_dir: str | Path, store_path: str | None, fault: dic
         datasets={"train": ds},
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
     )
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except ray.train.TrainingFailedError as exc:
+        from ..errors import CorteError
+
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CorteError(f"training failed on the Ray workers ({first}); the last checkpoint is in {run_dir}: "
+                         f"continue with `corte-ray adapt --out {run_dir} --resume` (or raise "
+                         f"scaling.max_failures to restart automatically)") from exc
     ckpt = Path(result.checkpoint.path) / CHECKPOINT_FILE if result.checkpoint else None
     return TrainResult(step=int(result.metrics.get("step", start)) if result.metrics else start,
                        metrics=dict(result.metrics or {}), checkpoint=ckpt)
