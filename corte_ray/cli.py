@@ -194,6 +194,16 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------------- serve-blackbox
+def cmd_serve_blackbox(args: argparse.Namespace) -> int:
+    from .blackbox.server import serve
+
+    serve(args.model_file, host=args.host, port=args.port, error_rate=args.error_rate, latency=args.latency,
+          hard_labels_only=args.hard_labels_only, token_env=args.token_env, device=args.device, seed=args.seed,
+          fault_sleep=args.fault_sleep)
+    return 0
+
+
 # --------------------------------------------------------------------------------------------- demo
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
@@ -319,6 +329,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--teacher", action="store_true", help="predict with the EMA teacher instead of the student")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("serve-blackbox", formatter_class=fmt, help="serve a model file as an HTTP black box",
+                       description="Serve a TorchScript/ONNX model file over the corte-ray HTTP wire format "
+                                   "(GET /v1/info, POST /v1/segment; see corte_ray/blackbox/http.py) for "
+                                   "--blackbox http://HOST:PORT. Listens on loopback unless --host says otherwise. "
+                                   "--error-rate, --latency and --hard-labels-only simulate a flaky or restricted "
+                                   "vendor. Ctrl-C stops it.")
+    p.add_argument("model_file", type=Path, help="TorchScript (.pt) or ONNX (.onnx) model file")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=0, help="port; 0 picks a free one (the URL is printed)")
+    p.add_argument("--token-env", default=None,
+                   help="name of an environment variable holding a token that clients must send as "
+                        "'Authorization: Bearer TOKEN'; unset: no token is asked for")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--hard-labels-only", action="store_true", help="answer hard label maps only, whatever is asked")
+    p.add_argument("--error-rate", type=float, default=0.0,
+                   help="fraction of /v1/segment requests that fail: 503, 500, a hang or a dropped connection")
+    p.add_argument("--latency", type=float, default=0.0, help="seconds added to every request")
+    p.add_argument("--fault-sleep", type=float, default=5.0,
+                   help="seconds an injected hang lasts (keep it above the client's timeout)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the fault injection")
+    p.set_defaults(func=cmd_serve_blackbox)
 
     p = sub.add_parser("models", formatter_class=fmt, help="list students and source models with parameters and MACs")
     p.add_argument("--size", type=_size, default=(512, 1024), help="input HxW for the MAC count")

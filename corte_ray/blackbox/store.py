@@ -105,6 +105,15 @@ class LabelStoreWriter:
     def write_part(self, rows: Sequence[dict]) -> Path | None:
         if not rows:
             return None
+        # A box that answers a weaker kind than the store was opened for (e.g. hard labels into a top-k store)
+        # would only fail later, on read; refuse it here, before anything is written.
+        hard_store = self.meta["answer_kind"] == "hard"
+        for row in rows:
+            if (row["hard"] is not None) != hard_store:
+                got = "hard labels" if row["hard"] is not None else "top-k probabilities"
+                raise InputError(self.root, f"the box answered {got} for {row['key']!r}, but this store holds "
+                                            f"{self.meta['answer_kind']} answers; relabel with --overwrite or "
+                                            f"--answer hard")
         table = pa.Table.from_pylist(list(rows), schema=_SCHEMA)
         # A unique name per part lets several writers (Ray Data tasks) add parts without coordination.
         path = self.parts / f"part-{uuid.uuid4().hex}.parquet"
@@ -217,6 +226,16 @@ def answer_rows(answer, keys: Sequence[str], k: int) -> list[dict]:
     return rows
 
 
+def label_store_meta(box, dataset, resize: tuple[int, int] | None, k: int) -> dict:
+    """meta.json of a store labelled by `box` over `dataset` (one definition for the local and the Ray job)."""
+    kind = box.answer_kind
+    return {
+        "answer_kind": "hard" if kind == "hard" else "topk", "box_answer": kind,
+        "k": None if kind == "hard" else k, "num_classes": box.num_classes, "blackbox": box.name,
+        "dataset": dataset.name, "split": dataset.split, "resize": list(resize) if resize else None,
+    }
+
+
 def label_dataset_local(dataset, box, store_dir: str | Path, resize: tuple[int, int] | None = None,
                         batch_size: int = 8, part_size: int = 64, overwrite: bool = False, k: int = 2) -> dict:
     """Label every image of `dataset` with `box` in this process (no Ray) and write the store.
@@ -227,12 +246,7 @@ def label_dataset_local(dataset, box, store_dir: str | Path, resize: tuple[int, 
     from ..data.transforms import resize_image
     from ..log import progress
 
-    kind = box.answer_kind
-    writer = LabelStoreWriter(store_dir, {
-        "answer_kind": "hard" if kind == "hard" else "topk", "box_answer": kind,
-        "k": None if kind == "hard" else k, "num_classes": box.num_classes, "blackbox": box.name,
-        "dataset": dataset.name, "split": dataset.split, "resize": list(resize) if resize else None,
-    }, overwrite=overwrite)
+    writer = LabelStoreWriter(store_dir, label_store_meta(box, dataset, resize, k), overwrite=overwrite)
     done = writer.done_keys()
     todo = [s for s in dataset.samples if s.key not in done]
     if done:
