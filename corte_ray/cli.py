@@ -51,8 +51,13 @@ def _add_dataset_args(p: argparse.ArgumentParser, split_default: str = "val") ->
 def cmd_synth(args: argparse.Namespace) -> int:
     from .data.synth import render_benchmark
 
-    stats = render_benchmark(args.out, seed=args.seed, n_source=args.n_source, n_target=args.n_target,
-                             n_val=args.n_val, size=args.size)
+    try:
+        stats = render_benchmark(args.out, seed=args.seed, n_source=args.n_source, n_target=args.n_target,
+                                 n_val=args.n_val, size=args.size)
+    except ValueError as exc:  # bad size / seed / counts: a user error, one line
+        from .errors import ConfigError
+
+        raise ConfigError(str(exc)) from None
     print(stats.format_table())
     print(f"wrote the benchmark to {args.out}")
     return 0
@@ -208,7 +213,7 @@ def cmd_serve_blackbox(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    run_demo(args.out, quick=args.quick, seed=args.seed, device=args.device)
+    run_demo(args.out, quick=args.quick, seed=args.seed, device=args.device, threads=args.threads)
     return 0
 
 
@@ -261,6 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="a smaller benchmark and shorter schedules (about 3 min on 2 CPU cores)")
     p.add_argument("--seed", type=int, default=0, help="random seed for the benchmark and training")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch CPU threads (0 = torch's default); use 1 when other processes share the cores")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("train-source", formatter_class=fmt, help="train the source model and export it as a black box",
