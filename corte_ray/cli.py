@@ -131,8 +131,11 @@ def cmd_label(args: argparse.Namespace) -> int:
     flags = _flag_overrides(args, {**_DATA_FLAGS, "split": "data.train_split", "blackbox": "blackbox.spec",
                                    "answer": "blackbox.answer", "device": "train.device"})
     cfg = _config_from_args(args, None, flags)
-    doc = label(cfg, args.out, overwrite=args.overwrite)
-    print(f"labelled {doc['num_images']} images into {args.out}")
+    doc = label(cfg, args.out, overwrite=args.overwrite, engine=args.engine, num_actors=args.actors,
+                gpus_per_actor=args.gpus_per_actor, budget=args.budget)
+    run = doc.get("run", {})
+    extra = f" ({run['images_per_s']:.1f} images/s, {run.get('store_bytes_per_image') or 0:.0f} bytes/image)" if run else ""
+    print(f"the store {args.out} holds {doc['num_images']} images{extra}")
     return 0
 
 
@@ -297,6 +300,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="device for a local box: auto, cpu, cuda")
     p.add_argument("--out", required=True, type=Path, help="label store directory")
     p.add_argument("--overwrite", action="store_true", help="relabel everything instead of resuming")
+    p.add_argument("--engine", choices=("ray", "local"), default="ray",
+                   help="ray: a Ray Data job with an actor pool of box clients; local: one process, no Ray")
+    p.add_argument("--actors", type=int, default=1, help="ray: black-box actors, each loads the model once")
+    p.add_argument("--gpus-per-actor", type=float, default=0.0, help="ray: GPUs per actor (fractions share a GPU)")
+    p.add_argument("--budget", type=int, default=None,
+                   help="ray: query at most N images in this run; rerun for the rest")
     _add_config_args(p)
     p.set_defaults(func=cmd_label)
 

@@ -20,3 +20,6 @@ class InputError(CorteError):
         self.path = str(path)
         self.problem = problem
         super().__init__(f"{self.path}: {problem}")
+
+    def __reduce__(self):  # rebuilt from its two fields when it crosses a process boundary (Ray workers)
+        return (InputError, (self.path, self.problem))

@@ -45,18 +45,31 @@ def open_label_store(cfg: Config, run_dir: Path):
         raise ConfigError("blackbox.spec: the method needs black-box labels; set blackbox.spec=file:MODEL "
                           "(or http://...) or blackbox.label_store=STORE")
     store_dir = run_dir / "labels"
-    label(cfg, store_dir)
+    label(cfg, store_dir, engine=cfg.scaling.engine)   # `adapt --engine local` never starts Ray
     return LabelStore(store_dir)
 
 
-def label(cfg: Config, store_dir: str | Path, overwrite: bool = False) -> dict:
-    """Query the black box once for every target training image; write the label store."""
+def label(cfg: Config, store_dir: str | Path, overwrite: bool = False, engine: str = "ray", num_actors: int = 1,
+          gpus_per_actor: float = 0.0, budget: int | None = None) -> dict:
+    """Query the black box once for every target training image; write the label store.
+
+    engine "ray": a Ray Data job with an actor pool of box clients; "local": one process, no Ray."""
     from .blackbox import open_blackbox
     from .blackbox.store import label_dataset_local
     from .data.datasets import open_dataset
 
     dataset = open_dataset(cfg.data.dataset, Path(cfg.data.root), split=cfg.data.train_split, city=cfg.data.city,
                            labels_dir=cfg.data.labels_dir, label_space=cfg.data.label_space)
+    if engine == "ray":
+        from .blackbox.ray_label import label_dataset_ray
+
+        return label_dataset_ray(dataset, cfg.blackbox.spec, store_dir, resize=cfg.data.resize,
+                                 answer=cfg.blackbox.answer, topk=cfg.blackbox.topk,
+                                 batch_size=cfg.blackbox.batch_size, num_actors=num_actors,
+                                 num_gpus_per_actor=gpus_per_actor, overwrite=overwrite, budget=budget,
+                                 device=cfg.train.device)
+    if budget is not None:
+        raise ConfigError("--budget: the query budget is enforced by the ray engine (or blackbox http budget)")
     box = open_blackbox(cfg.blackbox.spec, answer=cfg.blackbox.answer, topk=cfg.blackbox.topk,
                         device=cfg.train.device, batch_size=cfg.blackbox.batch_size)
     try:

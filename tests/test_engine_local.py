@@ -24,7 +24,7 @@ def box_and_store(tiny_bench, tmp_path_factory):
     box = work / "box.pt"
     export_model(model, box, example_size=(64, 96), meta={"arch": "deeplabv3_resnet18"})
     store = work / "labels"
-    assert main(["-q", "label", "--dataset", "synth", "--root", str(tiny_bench), "--blackbox", f"file:{box}",
+    assert main(["-q", "label", "--engine", "local", "--dataset", "synth", "--root", str(tiny_bench), "--blackbox", f"file:{box}",
                  "--out", str(store), "--device", "cpu"]) == 0
     return box, store
 
