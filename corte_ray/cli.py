@@ -216,7 +216,8 @@ def cmd_serve_blackbox(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    run_demo(args.out, quick=args.quick, seed=args.seed, device=args.device, threads=args.threads)
+    engine = args.engine or ("local" if args.quick else "ray")
+    run_demo(args.out, quick=args.quick, seed=args.seed, device=args.device, threads=args.threads, engine=engine)
     return 0
 
 
@@ -271,6 +272,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--threads", type=int, default=0,
                    help="torch CPU threads (0 = torch's default); use 1 when other processes share the cores")
+    p.add_argument("--engine", choices=("ray", "local"), default=None,
+                   help="ray: label with a Ray Data job and adapt with Ray Train; local: one process, no Ray "
+                        "(default: ray, or local with --quick, which skips Ray's start-up)")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("train-source", formatter_class=fmt, help="train the source model and export it as a black box",

@@ -1,0 +1,1 @@
+"""Dataset layouts, label spaces, the synthetic benchmark and resizing."""
