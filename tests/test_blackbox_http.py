@@ -17,31 +17,17 @@ import numpy as np
 import pytest
 import requests
 import torch
-import torch.nn.functional as F
 from PIL import Image
-from torch import nn
 
 from corte_ray.blackbox import LocalBlackBox, open_blackbox
 from corte_ray.blackbox.http import HttpBlackBox, parse_answer_header, parse_retry_after
 from corte_ray.blackbox.server import FAULT_KINDS, BlackBoxServer, serve
 from corte_ray.errors import ConfigError, CorteError
 from corte_ray.export import export_model
+from tests.tiny_net import TinySegNet
 
 NUM_CLASSES = 6
 SECRET = "s3cr3t-t0ken-do-not-leak"
-
-
-class TinySegNet(nn.Module):
-    """conv(stride 2) -> ReLU -> conv -> bilinear upsample: the model-file contract in a few parameters."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.stem = nn.Conv2d(3, 8, 3, stride=2, padding=1)
-        self.head = nn.Conv2d(8, NUM_CLASSES, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.head(F.relu(self.stem((x - 0.45) / 0.25)))
-        return 3.0 * F.interpolate(h, size=x.shape[-2:], mode="bilinear", align_corners=False)
 
 
 @pytest.fixture(scope="module")

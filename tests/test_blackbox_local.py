@@ -7,30 +7,15 @@ import importlib.util
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from corte_ray.blackbox import BACKENDS, BlackBox, BoxAnswer, LocalBlackBox, open_blackbox
 from corte_ray.errors import ConfigError, CorteError, InputError
 from corte_ray.export import export_model
+from tests.tiny_net import TinySegNet
 
 HAS_ONNX = all(importlib.util.find_spec(m) is not None for m in ("onnx", "onnxruntime"))
 NUM_CLASSES = 6
-
-
-class TinySegNet(nn.Module):
-    """conv(stride 2) -> BN -> ReLU -> conv -> bilinear upsample to the input size: the model contract."""
-
-    def __init__(self, num_classes: int = NUM_CLASSES) -> None:
-        super().__init__()
-        self.stem = nn.Conv2d(3, 8, 3, stride=2, padding=1)
-        self.bn = nn.BatchNorm2d(8)
-        self.head = nn.Conv2d(8, num_classes, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.head(F.relu(self.bn(self.stem((x - 0.45) / 0.25))))
-        # Spread the logits so the softmax is far from uniform and top-k orders are well separated.
-        return 3.0 * F.interpolate(h, size=x.shape[-2:], mode="bilinear", align_corners=False)
 
 
 @pytest.fixture(scope="module")

@@ -10,11 +10,11 @@ import zipfile
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from corte_ray import export as export_module
 from corte_ray.errors import ConfigError, CorteError, InputError
 from corte_ray.export import check_parity, export_model, load_model_file, read_model_meta
+from tests.tiny_net import TinySegNet as SharedTinySegNet
 
 HAS_ONNX = all(importlib.util.find_spec(m) is not None for m in ("onnx", "onnxruntime"))
 HAS_ONNXSCRIPT = importlib.util.find_spec("onnxscript") is not None
@@ -22,22 +22,11 @@ needs_onnx = pytest.mark.skipif(not HAS_ONNX, reason="onnx / onnxruntime not ins
 TOL = 1e-4
 
 
-class TinySegNet(nn.Module):
-    """conv(stride 2) -> BN -> ReLU -> conv -> bilinear upsample to the input size: the model contract."""
+class TinySegNet(SharedTinySegNet):
+    """Five classes, logits unscaled, random BN statistics (eval vs train mode must show in exports)."""
 
     def __init__(self, num_classes: int = 5) -> None:
-        super().__init__()
-        self.stem = nn.Conv2d(3, 8, 3, stride=2, padding=1)
-        self.bn = nn.BatchNorm2d(8)
-        self.head = nn.Conv2d(8, num_classes, 1)
-        with torch.no_grad():  # non-trivial BN statistics, so eval vs train mode would show
-            self.bn.running_mean.uniform_(-0.2, 0.2)
-            self.bn.running_var.uniform_(0.5, 2.0)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = (x - 0.45) / 0.25  # the model normalises internally
-        h = self.head(F.relu(self.bn(self.stem(x))))
-        return F.interpolate(h, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        super().__init__(num_classes, logit_scale=1.0, random_bn_stats=True)
 
 
 class FrozenSizeNet(TinySegNet):

@@ -19,8 +19,6 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from corte_ray.blackbox import LocalBlackBox
 from corte_ray.blackbox.ray_label import label_dataset_ray
@@ -29,6 +27,7 @@ from corte_ray.data.datasets import open_dataset
 from corte_ray.data.transforms import resize_image
 from corte_ray.errors import CorteError, InputError
 from corte_ray.export import export_model
+from tests.tiny_net import TinySegNet
 
 from .counting_box import image_hash, read_hashes
 
@@ -39,19 +38,6 @@ RESIZE = (40, 56)
 # Workers import the "counting:" backend at start-up; the hook runs before Ray adds the driver's directory to
 # their sys.path, hence PYTHONPATH.
 WORKER_ENV = {"worker_process_setup_hook": "tests.counting_box.register", "env_vars": {"PYTHONPATH": str(REPO)}}
-
-
-class TinySegNet(nn.Module):
-    """conv(stride 2) -> ReLU -> conv -> bilinear upsample to the input size: the model-file contract."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.stem = nn.Conv2d(3, 8, 3, stride=2, padding=1)
-        self.head = nn.Conv2d(8, NUM_CLASSES, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.head(F.relu(self.stem((x - 0.45) / 0.25)))
-        return 3.0 * F.interpolate(h, size=x.shape[-2:], mode="bilinear", align_corners=False)
 
 
 @pytest.fixture(scope="module")
