@@ -8,7 +8,6 @@ Every stage writes to OUT and is skipped (or resumed) when its output exists, so
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys

@@ -10,7 +10,6 @@ import logging
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from .config import Config, load_config, save_config
@@ -160,23 +159,17 @@ def predict(model: torch.nn.Module, dataset, out_dir: str | Path, resize: tuple[
     image's own size. Returns the number written."""
     from PIL import Image
 
-    from .data.transforms import resize_image
     from .io_utils import write_atomic
     from .log import progress
     from .train.context import resolve_device
+    from .train.loop import predict_train_ids
 
     dev = resolve_device(device)
     model = model.to(dev).eval()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     samples = dataset.samples[:max_images] if max_images else dataset.samples
-    with torch.inference_mode():
-        for sample in progress(samples, desc="predict", unit="img"):
-            img = dataset.read_image(sample)
-            x = torch.from_numpy(np.ascontiguousarray(resize_image(img, resize or img.shape[:2]).transpose(2, 0, 1)))
-            logits = model(x[None].to(dev).float() / 255.0)
-            logits = torch.nn.functional.interpolate(logits.float(), size=img.shape[:2], mode="bilinear",
-                                                     align_corners=False)
-            pred = logits.argmax(1)[0].to(torch.uint8).cpu().numpy()
-            write_atomic(out_dir / sample.pred_name, lambda tmp, p=pred: Image.fromarray(p).save(tmp, format="PNG"))
+    for sample in progress(samples, desc="predict", unit="img"):
+        pred = predict_train_ids(model, dataset.read_image(sample), dev, resize=resize)
+        write_atomic(out_dir / sample.pred_name, lambda tmp, p=pred: Image.fromarray(p).save(tmp, format="PNG"))
     return len(samples)

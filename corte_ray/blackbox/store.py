@@ -16,11 +16,10 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -211,8 +210,6 @@ class LabelStore:
 
 def answer_rows(answer, keys: Sequence[str], k: int) -> list[dict]:
     """Store rows from a BoxAnswer (corte_ray.blackbox.protocol) for a batch of images."""
-    import torch
-
     rows = []
     if answer.kind == "hard":
         hard = answer.hard.cpu().numpy()

@@ -9,7 +9,6 @@ device, all-reduce, where checkpoints go, how metrics are reported. No Ray impor
 from __future__ import annotations
 
 import logging
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -127,6 +126,20 @@ def to_device_batch(batch: dict[str, torch.Tensor], device: torch.device, channe
 
 # ------------------------------------------------------------------------------------------- evaluation
 @torch.no_grad()
+def predict_train_ids(model: nn.Module, img: np.ndarray, device: torch.device, resize: tuple[int, int] | None = None,
+                      out_size: tuple[int, int] | None = None, amp: bool = False) -> np.ndarray:
+    """One HxWx3 uint8 image -> HxW uint8 train ids: predicted at `resize` (default: the image's size), logits
+    up-sampled bilinearly to `out_size` (default: the image's size) before the arg-max."""
+    x = torch.from_numpy(np.ascontiguousarray(resize_image(img, resize or img.shape[:2]).transpose(2, 0, 1)))
+    x = x[None].to(device).float() / 255.0
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda"):
+        logits = model(x)
+    logits = torch.nn.functional.interpolate(logits.float(), size=tuple(out_size or img.shape[:2]), mode="bilinear",
+                                             align_corners=False)
+    return logits.argmax(1)[0].to(torch.uint8).cpu().numpy()
+
+
+@torch.no_grad()
 def evaluate_model(model: nn.Module, dataset: Dataset, classes: tuple[int, ...], num_classes: int, device: torch.device,
                    resize: tuple[int, int] | None, ctx, max_images: int | None = None, amp: bool = True,
                    shard: bool = True) -> dict:
@@ -142,12 +155,7 @@ def evaluate_model(model: nn.Module, dataset: Dataset, classes: tuple[int, ...],
     for sample in mine:
         img = dataset.read_image(sample)
         label = dataset.read_label(sample, img.shape[:2])
-        x = torch.from_numpy(np.ascontiguousarray(resize_image(img, resize or img.shape[:2]).transpose(2, 0, 1)))
-        x = x[None].to(device).float() / 255.0
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-            logits = model(x)
-        logits = torch.nn.functional.interpolate(logits.float(), size=label.shape, mode="bilinear", align_corners=False)
-        pred = logits.argmax(1)[0].cpu().numpy().astype(np.uint8)
+        pred = predict_train_ids(model, img, device, resize=resize, out_size=label.shape, amp=use_amp)
         conf += confusion_matrix(pred, label, num_classes)
     total = torch.from_numpy(conf).to(device)
     if shard:
@@ -171,10 +179,10 @@ def prediction_overlays(model: nn.Module, dataset: Dataset, device: torch.device
     lut[: len(dataset.label_space.palette)] = torch.tensor(dataset.label_space.palette, dtype=torch.uint8)
     rows = []
     for sample in dataset.samples[:n]:
-        img = resize_image(dataset.read_image(sample), resize or dataset.read_image(sample).shape[:2])
+        raw = dataset.read_image(sample)
+        img = resize_image(raw, resize or raw.shape[:2])
         gt = torch.from_numpy(resize_map(dataset.read_label(sample), img.shape[:2]).astype(np.int64))
-        x = torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1)))[None].to(device).float() / 255.0
-        pred = model(x).argmax(1)[0].cpu()
+        pred = torch.from_numpy(predict_train_ids(model, img, device).astype(np.int64))
         base = torch.from_numpy(img).float()
         blend = [(0.5 * base + 0.5 * lut[m].float()).to(torch.uint8) for m in (gt, pred)]
         rows.append(torch.cat([torch.from_numpy(img)] + blend, dim=1))
