@@ -319,7 +319,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "threshold_st, oracle). Checkpoints, TensorBoard and metrics.jsonl go to --out.")
     p.add_argument("--out", required=True, type=Path, help="run directory")
     p.add_argument("--method", default=None, help="corte, stvm, corte_metric, distill, threshold_st or oracle")
-    p.add_argument("--engine", choices=("local", "ray"), default=None, help="scaling.engine (default local)")
+    p.add_argument("--engine", choices=("local", "ray"), default=None,
+                   help="scaling.engine: ray (Ray Train workers, the default) or local (one process, no Ray)")
     p.add_argument("--dataset", choices=DATASET_CHOICES, default=None, help="target dataset format (data.dataset)")
     p.add_argument("--root", default=None, help="target dataset root (data.root)")
     p.add_argument("--blackbox", default=None, help="black box to label with first (blackbox.spec)")

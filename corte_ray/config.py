@@ -174,7 +174,7 @@ class TrainConfig:
 
 @dataclass
 class ScalingConfig:
-    engine: Literal["local", "ray"] = "local"      # local: one process; ray: Ray Train TorchTrainer
+    engine: Literal["local", "ray"] = "ray"        # ray: Ray Train TorchTrainer (+ Ray Data); local: one process
     num_workers: int = 1                           # Ray Train workers (one student replica each)
     use_gpu: bool = False                          # one GPU per worker
     cpus_per_worker: float = 1.0                   # fractional values leave CPUs to Ray Data

@@ -30,7 +30,8 @@ def box_and_store(tiny_bench, tmp_path_factory):
 
 
 def _adapt(run: Path, bench: Path, store: Path, *extra: str) -> int:
-    return main(["-q", "adapt", "--out", str(run), "--method", "corte", "--dataset", "synth", "--root", str(bench),
+    return main(["-q", "adapt", "--engine", "local", "--out", str(run), "--method", "corte", "--dataset", "synth",
+                 "--root", str(bench),
                  "--label-store", str(store), "--student", "mobilenetv3_small_lraspp", "--device", "cpu",
                  "data.batch_size=4", "data.crop_size=[48,64]", "train.lr_warmup=1", "train.eval_every=3",
                  "train.checkpoint_every=3", "corte.warmup=0.2", "corte.refine_start=0.4", "ema.momentum=0.9",
