@@ -106,3 +106,10 @@ def test_store_refuses_answers_of_another_kind(tmp_path):
     with pytest.raises(InputError, match="answered hard labels for 'img1'"):
         w.write_part([hard_row])
     assert not list((tmp_path / "s" / "parts").glob("*.parquet"))
+
+
+def test_budget_needs_the_ray_engine(tiny_bench, box_and_store, tmp_path, capsys):
+    box, _ = box_and_store
+    assert main(["label", "--engine", "local", "--budget", "3", "--dataset", "synth", "--root", str(tiny_bench),
+                 "--blackbox", f"file:{box}", "--out", str(tmp_path / "s")]) == 2
+    assert "--budget" in capsys.readouterr().err

@@ -144,3 +144,13 @@ def test_failed_run_resumes_from_the_cli(ray_cluster, tiny_bench, store, tmp_pat
     assert main(["-q", "adapt", "--out", str(run), "--resume"]) == 0
     steps = [json.loads(l)["step"] for l in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == [2, 4]                  # resumed after step 2, no step repeated
+
+
+def test_more_cpus_than_the_cluster_has_fails_at_once(ray_cluster, tiny_bench, store):
+    from corte_ray.errors import ConfigError
+    from corte_ray.train.ray_engine import check_cluster
+
+    cfg = _cfg(tiny_bench, store, "method=distill", "scaling.num_workers=4", "scaling.cpus_per_worker=1.0")
+    with pytest.raises(ConfigError, match="scaling.num_workers: 4 workers x 1 CPUs need 4 CPUs, the cluster has 2"):
+        check_cluster(cfg)
+    check_cluster(_cfg(tiny_bench, store, "method=distill", "scaling.num_workers=2"))   # 2 x 0.5 fits
