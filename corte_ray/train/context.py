@@ -63,6 +63,13 @@ class LocalContext:
         ckpts = sorted(self.ckpt_root.glob("step_*/checkpoint.pt"))
         return ckpts[-1] if ckpts else None
 
+    def load_latest_checkpoint(self, device: torch.device) -> tuple[dict | None, Path | None]:
+        """(state, path) of the newest checkpoint, loaded with weights_only=True; (None, None) for a fresh run."""
+        path = self.latest_checkpoint()
+        if path is None:
+            return None, None
+        return torch.load(path, map_location=device, weights_only=True), path
+
     def save_checkpoint(self, state: dict, step: int, is_best: bool) -> Path:
         path = self.ckpt_root / f"step_{step:07d}" / "checkpoint.pt"
         write_atomic(path, lambda tmp: torch.save(state, tmp))

@@ -269,9 +269,8 @@ def train(cfg: Config, ctx, store=None) -> TrainResult:
 
     # ---- resume
     step, best = 0, -1.0
-    ckpt_path = ctx.latest_checkpoint()
-    if ckpt_path is not None:
-        state = torch.load(ckpt_path, map_location=device, weights_only=True)
+    state, ckpt_path = ctx.load_latest_checkpoint(device)
+    if state is not None:
         student.load_state_dict(state["student"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])

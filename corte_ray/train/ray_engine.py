@@ -69,11 +69,16 @@ class RayContext:
             for batch in shard.iter_torch_batches(batch_size=cfg.data.batch_size, drop_last=True):
                 yield batch
 
-    def latest_checkpoint(self) -> Path | None:
+    def load_latest_checkpoint(self, device: torch.device) -> tuple[dict | None, Path | None]:
+        """Load inside `as_directory()`: local storage is read in place, remote storage is downloaded to a
+        directory of this process. (`to_directory()` copies into one temporary directory per checkpoint, shared
+        by the ranks of a node: one rank could read while another was still writing it.)"""
         ckpt = ray.train.get_checkpoint()
         if ckpt is None:
-            return None
-        return Path(ckpt.to_directory()) / CHECKPOINT_FILE
+            return None, None
+        with ckpt.as_directory() as d:
+            path = Path(d) / CHECKPOINT_FILE
+            return torch.load(path, map_location=device, weights_only=True), Path(ckpt.path) / CHECKPOINT_FILE
 
     def save_checkpoint(self, state: dict, step: int, is_best: bool) -> Path:
         # Rank 0 writes into a local temporary directory; `report` hands it to Ray Train, which persists it to
