@@ -51,12 +51,6 @@ def _cpu_images_per_s(model: torch.nn.Module, size: tuple[int, int], batch: int 
     return batch * iters / dt
 
 
-def _colorize(label: np.ndarray, palette) -> np.ndarray:
-    lut = np.zeros((256, 3), dtype=np.uint8)
-    lut[: len(palette)] = np.asarray(palette, dtype=np.uint8)
-    return lut[label]
-
-
 def _prediction_grid(dataset, pred_dirs: dict[str, Path], out: Path, n: int = 4) -> None:
     """Rows: val images; columns: image, ground truth, then each method's prediction."""
     from PIL import Image
@@ -65,10 +59,10 @@ def _prediction_grid(dataset, pred_dirs: dict[str, Path], out: Path, n: int = 4)
     for sample in dataset.samples[:n]:
         img = dataset.read_image(sample)
         gt = dataset.read_label(sample, img.shape[:2])
-        cols = [img, _colorize(gt, dataset.label_space.palette)]
+        cols = [img, dataset.label_space.colorize(gt)]
         for d in pred_dirs.values():
             pred = np.asarray(Image.open(d / sample.pred_name))
-            cols.append(_colorize(pred, dataset.label_space.palette))
+            cols.append(dataset.label_space.colorize(pred))
         rows.append(np.concatenate([np.pad(c, ((2, 2), (2, 2), (0, 0)), constant_values=255) for c in cols], axis=1))
     grid = np.concatenate(rows, axis=0)
     from .io_utils import write_atomic

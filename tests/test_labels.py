@@ -99,3 +99,13 @@ def test_load_label_space_missing_file(tmp_path):
     with pytest.raises(InputError) as err:
         labels.load_label_space(tmp_path / "nope.yaml")
     assert str(tmp_path / "nope.yaml") in str(err.value)
+
+
+def test_colorize_uses_the_palette_and_blacks_out_ignore():
+    from corte_ray.data.labels import CITYSCAPES, TRAIN_ID, TRAIN_PALETTE
+
+    ids = np.array([[TRAIN_ID["road"], 255], [TRAIN_ID["car"], 0]], dtype=np.uint8)
+    rgb = CITYSCAPES.colorize(ids)
+    assert rgb.shape == (2, 2, 3) and rgb.dtype == np.uint8
+    assert tuple(rgb[0, 0]) == TRAIN_PALETTE[TRAIN_ID["road"]] == (128, 64, 128)
+    assert tuple(rgb[0, 1]) == (0, 0, 0) and tuple(rgb[1, 0]) == (0, 0, 142)

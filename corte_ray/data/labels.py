@@ -131,6 +131,12 @@ class LabelSpace:
                            f"choose one of {sorted(self.eval_sets)}")
         return self.eval_sets[key]
 
+    def colorize(self, train_ids: np.ndarray) -> np.ndarray:
+        """HxW train ids -> HxWx3 uint8 RGB with this space's palette (black for 255 and unknown ids)."""
+        lut = np.zeros((256, 3), dtype=np.uint8)
+        lut[: len(self.palette)] = np.asarray(self.palette, dtype=np.uint8)
+        return lut[np.asarray(train_ids, dtype=np.uint8)]
+
     def to_train_ids(self, raw: np.ndarray, path: str | Path = "<array>") -> np.ndarray:
         """Raw label ids (any integer dtype) -> uint8 train ids; an unknown id raises InputError naming `path`."""
         raw = np.asarray(raw)

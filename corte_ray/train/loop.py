@@ -145,7 +145,7 @@ def evaluate_model(model: nn.Module, dataset: Dataset, classes: tuple[int, ...],
                    shard: bool = True) -> dict:
     """mIoU from one confusion matrix over the split, all-reduced across ranks (each rank takes every
     world_size-th image). Predictions are made at the working resolution and up-sampled to the label's."""
-    from ..evaluation import confusion_matrix, iou_per_class
+    from ..evaluation import confusion_matrix, result_from_confusion
 
     model.eval()
     samples = dataset.samples[:max_images] if max_images else dataset.samples
@@ -160,13 +160,8 @@ def evaluate_model(model: nn.Module, dataset: Dataset, classes: tuple[int, ...],
     total = torch.from_numpy(conf).to(device)
     if shard:
         ctx.all_reduce_(total)
-    conf = total.cpu().numpy()
-    iou = iou_per_class(conf)
-    chosen = np.array([iou[c] for c in classes])
-    miou = float(np.nanmean(chosen) * 100) if np.isfinite(chosen).any() else float("nan")
-    names = dataset.label_space.class_names
-    return {"miou": miou, "per_class": {names[c]: (None if np.isnan(iou[c]) else float(iou[c] * 100)) for c in classes},
-            "num_images": len(samples)}
+    res = result_from_confusion(total.cpu().numpy(), classes, dataset.label_space.class_names, len(samples))
+    return {"miou": res.miou, "per_class": res.per_class, "num_images": res.num_images}
 
 
 @torch.no_grad()
@@ -175,18 +170,16 @@ def prediction_overlays(model: nn.Module, dataset: Dataset, device: torch.device
     """A (3, H, W) uint8 grid for TensorBoard: per val image, the image | ground truth | prediction blended 50 %
     with the class colours."""
     model.eval()
-    lut = torch.zeros(256, 3, dtype=torch.uint8)
-    lut[: len(dataset.label_space.palette)] = torch.tensor(dataset.label_space.palette, dtype=torch.uint8)
     rows = []
     for sample in dataset.samples[:n]:
         raw = dataset.read_image(sample)
         img = resize_image(raw, resize or raw.shape[:2])
-        gt = torch.from_numpy(resize_map(dataset.read_label(sample), img.shape[:2]).astype(np.int64))
-        pred = torch.from_numpy(predict_train_ids(model, img, device).astype(np.int64))
-        base = torch.from_numpy(img).float()
-        blend = [(0.5 * base + 0.5 * lut[m].float()).to(torch.uint8) for m in (gt, pred)]
-        rows.append(torch.cat([torch.from_numpy(img)] + blend, dim=1))
-    return torch.cat(rows, dim=0).permute(2, 0, 1).contiguous()
+        gt = resize_map(dataset.read_label(sample), img.shape[:2])
+        pred = predict_train_ids(model, img, device)
+        space = dataset.label_space
+        blend = [(0.5 * img + 0.5 * space.colorize(m)).astype(np.uint8) for m in (gt, pred)]
+        rows.append(np.concatenate([img] + blend, axis=1))
+    return torch.from_numpy(np.concatenate(rows, axis=0)).permute(2, 0, 1).contiguous()
 
 
 # ------------------------------------------------------------------------------------------------ models
