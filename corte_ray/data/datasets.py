@@ -330,15 +330,30 @@ def folder(root: Path, split: str, *, city: str | None = None, labels_dir: Path 
 @DATASETS.register("synth")
 def synth(root: Path, split: str, *, city: str | None = None, labels_dir: Path | None = None,
           label_space: Path | None = None) -> Dataset:
-    """The `corte-ray synth` benchmark: split 'source' = root/source (GTA5 layout, every image);
-    any other split ('train', 'val') = root/target in Cityscapes layout."""
+    """The `corte-ray synth` benchmark, root/source in GTA5 layout and root/target in Cityscapes layout:
+
+    * 'source': the labelled source training images, those of root/source/train.txt (a benchmark written
+      before split lists existed has none: then every image of root/source);
+    * 'source_val': the held-out source images of root/source/val.txt (`corte-ray synth --n-source-val`), for
+      a source model's accuracy on its own domain;
+    * any other split ('train', 'val') = root/target in Cityscapes layout.
+    """
     _reject_options("synth", city=city, labels_dir=labels_dir, label_space=label_space)
-    part = root / ("source" if split == "source" else "target")
+    on_source = split in ("source", "source_val")
+    part = root / ("source" if on_source else "target")
     if not part.is_dir():
         raise InputError(part, "folder not found: not a synthetic benchmark directory "
                                "(write one with `corte-ray synth --out DIR`)")
+    if not on_source:
+        return cityscapes(part, split, space=labels.SYNTH, name="synth")
     if split == "source":
-        dataset = gta5(part, "all", space=labels.SYNTH, name="synth")
-        dataset.split = "source"
-        return dataset
-    return cityscapes(part, split, space=labels.SYNTH, name="synth")
+        # gta5 split 'train' = the images of train.txt, or every image where there is no train.txt
+        dataset = gta5(part, "train", space=labels.SYNTH, name="synth")
+    else:
+        if not (part / "val.txt").is_file():
+            raise InputError(part / "val.txt", "split list not found: this benchmark has no held-out source "
+                                               "images for split 'source_val' (render it with "
+                                               "`corte-ray synth --n-source-val N`)")
+        dataset = gta5(part, "val", space=labels.SYNTH, name="synth")
+    dataset.split = split
+    return dataset

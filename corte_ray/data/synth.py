@@ -1,13 +1,17 @@
-"""The embedded synthetic-to-real benchmark: procedural street scenes in a "source" and a "target" look.
+"""The embedded two-domain benchmark: procedural street scenes in a "source" and a "target" look.
 
 Lets a new user and CI watch domain adaptation with nothing to download. Both domains share the scene
 *geometry* (a street in perspective: sky, buildings with windows along both sides, road with lane markings,
 sidewalks, grass strips, trees, poles with signs and traffic lights, cars, people), so layout and shape cues
-transfer. The *appearance* shifts:
+transfer. Two scenarios (SCENARIOS, `corte-ray synth --scenario`) set what shifts. In "cross-city" both
+domains have the 'real' look below but are two cities (_CITY_A_STYLE, labelled: warm and sunny;
+_CITY_B_STYLE, the unlabelled target: grey and rainy) with their own layout statistics, palettes and light,
+a smaller gap in the spirit of the Cityscapes -> NTHU cross-city setting. In "synth-to-real" (the default)
+the *appearance* shifts:
 
 * source "synthetic": one flat, saturated colour per class (small per-instance variation), hard edges,
   uniform light, no noise, no blur;
-* target "real": colours moved 60 % of the way (DomainStyle.palette_mix) from the source palette to muted
+* target "real": colours moved 85 % of the way (DomainStyle.palette_mix) from the source palette to muted
   'real' ones, with larger per-instance variation, textures (asphalt grain, paving,
   bricks, leaves, clouds), light gradients, cast shadows on the ground, colour casts, blur, sensor noise and
   JPEG artefacts, and other object statistics (lower horizon, lower buildings, more and smaller cars and
@@ -22,9 +26,11 @@ at x = vx + f*u/z, y = horizon + f/z, which puts every road, sidewalk or grass b
 vanishing point (a sector test on u = (x - vx) / (y - horizon)), and every object's size in proportion to
 f/z. Labels and colours come from one painter's-order pass (far objects first), so they always align.
 
-Files: source in GTA5 layout (images/, labels/ of Cityscapes label ids), target in Cityscapes layout
-(leftImg8bit/, gtFine/ with train and val splits). Each image has its own generator seeded from
-(seed, domain, split, index), so the same seed gives byte-identical files whatever the image counts.
+Files: source in GTA5 layout (images/, labels/ of Cityscapes label ids; training images NNNNN.png listed in
+source/train.txt, held-out ones val_NNNNN.png in source/val.txt), target in Cityscapes layout (leftImg8bit/,
+gtFine/ with train and val splits). Each image has its own generator seeded from (seed, domain, split, index
+[, scenario]), so the same seed gives the same image whatever the image counts, and the same arguments give
+byte-identical files (no wall-clock or other run-dependent value in stats.json or README.txt).
 """
 
 from __future__ import annotations
@@ -86,12 +92,29 @@ class DomainStyle:
     n_trees: tuple[int, int]
     n_poles: tuple[int, int]       # extra poles beyond the one sign and one traffic light always drawn
     terrain_strip_prob: float
-    # How far instance colours move from the source palette towards this style's own (1 = own palette only):
-    # the one knob for the size of the colour shift.
+    # How far instance colours move from the base palette (the palette of STYLES[palette_base]) towards this
+    # style's own (1 = own palette only): the one knob for the size of the colour shift.
     palette_mix: float = 1.0
+    palette_base: str = "source"
+    # The 'real' look (_real_look: textures, sky haze and clouds, shadows, light, colour cast, blur, noise,
+    # JPEG) instead of flat colours. The fields below only act where it is on; their defaults are the target
+    # look of the synth-to-real scenario.
+    real_look: bool = False
     texture_gain: float = 0.0          # scales _TEXTURE_AMPLITUDE; 0 = flat colours
     noise_std: tuple[float, float] = (0.0, 0.0)
     blur_sigma: tuple[float, float] = (0.0, 0.0)
+    shadow_prob: float = 0.7           # chance of a cast shadow from the facades on the sun side
+    shadow_factor: tuple[float, float] = (0.5, 0.7)  # light left in that shadow (lower = darker)
+    object_shadow: float = 1.0         # scales the darkness of the soft shadows under objects
+    light_strength: tuple[float, float] = (0.15, 0.45)  # light gradient across the image
+    exposure: tuple[float, float] = (0.8, 1.15)
+    cast_std: float = 0.05             # per-image random white-balance error (relative, per channel)
+    cast_tint: RGB = (1.0, 1.0, 1.0)   # this domain's fixed colour of the light (per-channel gain)
+    haze: tuple[float, float] = (0.1, 0.35)  # sky haze towards the horizon (fraction of haze_level)
+    haze_level: float = 225.0
+    cloud_threshold: tuple[float, float] = (-0.2, 0.5)  # lower = more cloud cover
+    cloud_brightness: tuple[float, float] = (200.0, 240.0)
+    jpeg_quality: tuple[int, int] = JPEG_QUALITY
 
 
 _SOURCE_STYLE = DomainStyle(
@@ -156,10 +179,125 @@ _TARGET_STYLE = DomainStyle(
     horizon=(0.44, 0.54), bottom_depth=(2.3, 2.9), building_height=(3.0, 8.0), building_prob=0.65,
     n_cars=(2, 6), car_scale=(0.8, 1.0), n_people=(2, 7), person_scale=(0.85, 1.0), n_trees=(2, 5),
     n_poles=(1, 3), terrain_strip_prob=0.65,
-    palette_mix=0.6, texture_gain=0.6, noise_std=(2.0, 5.0), blur_sigma=(0.4, 0.8),
+    palette_mix=0.85, real_look=True, texture_gain=0.6, noise_std=(2.0, 5.0), blur_sigma=(0.4, 0.8),
 )
 
-STYLES: dict[str, DomainStyle] = {"source": _SOURCE_STYLE, "target": _TARGET_STYLE}
+# The cross-city scenario (as in the Cityscapes -> NTHU "cross-city" setting): two 'real'-looking cities
+# that share the renderer and the textures but differ in layout statistics, palette and light.
+# Each city's instance colours sit halfway (_CITY_PALETTE_MIX) between the shared 'real' palette of the
+# synth-to-real target (the same materials everywhere) and the city's own: the knob for the size of the gap.
+# At 0.5 a tiny CNN trained on 80 city-A images at 64x128 drops from ~76-78 % pixel accuracy on held-out
+# city A to ~60-64 % on city B (synth-to-real: ~89 % -> ~56 %); at 1.0 the palettes alone take it below 50 %.
+_CITY_PALETTE_MIX = 0.5
+# City A, labelled (the source): a warm, sunny southern town: sandstone and terracotta, blue sky, warm light,
+# hard shadows; dense and tall blocks, few trees, a lively street.
+_CITY_A_STYLE = DomainStyle(
+    name="city-a",
+    palette={
+        "sky": ((105, 160, 232), (130, 178, 236), (88, 148, 226)),
+        "road": ((122, 116, 108), (106, 102, 98), (138, 130, 118)),
+        "marking": ((232, 228, 205), (215, 210, 180)),
+        "sidewalk": ((196, 176, 150), (176, 158, 136), (206, 192, 166)),
+        "curb": ((206, 196, 176),),
+        "building": ((200, 132, 88), (212, 178, 126), (226, 210, 180), (182, 104, 76), (196, 160, 110)),
+        "window": ((52, 64, 82), (96, 116, 140)),
+        "pole": ((116, 118, 114), (150, 148, 140), (88, 88, 84)),
+        "light": ((44, 44, 40), (104, 96, 52), (164, 130, 44)),
+        "lamp": ((212, 62, 40), (70, 190, 92), (226, 172, 52)),
+        "sign": ((214, 186, 62), (48, 88, 176), (196, 58, 44)),
+        "sign_border": ((226, 224, 216),),
+        "vegetation": ((82, 116, 46), (104, 128, 56), (66, 98, 42)),
+        "trunk": ((96, 74, 54),),
+        "terrain": ((158, 162, 84), (176, 166, 100), (132, 152, 72)),
+        "shirt": ((226, 222, 210), (196, 62, 52), (62, 104, 170), (222, 182, 72), (84, 150, 110)),
+        "pants": ((52, 58, 90), (182, 166, 136), (92, 74, 60)),
+        "skin": ((214, 170, 136), (150, 106, 78)),
+        "car": ((206, 206, 202), (176, 38, 36), (60, 86, 150), (232, 226, 214), (38, 40, 44), (150, 152, 158)),
+        "car_window": ((50, 62, 76),),
+        "wheel": ((28, 28, 28),),
+        "tail_light": ((206, 44, 40),),
+    },
+    brightness_jitter=0.10, channel_jitter=8.0,
+    horizon=(0.38, 0.48), bottom_depth=(2.3, 2.9), building_height=(5.0, 11.0), building_prob=0.85,
+    n_cars=(1, 4), car_scale=(0.9, 1.05), n_people=(2, 6), person_scale=(0.9, 1.05), n_trees=(1, 3),
+    n_poles=(0, 2), terrain_strip_prob=0.4,
+    palette_mix=_CITY_PALETTE_MIX, palette_base="target",
+    real_look=True, texture_gain=0.55, noise_std=(1.5, 3.5), blur_sigma=(0.35, 0.6),
+    shadow_prob=0.9, shadow_factor=(0.42, 0.58), object_shadow=1.15, light_strength=(0.2, 0.45),
+    exposure=(0.92, 1.1), cast_std=0.035, cast_tint=(1.03, 1.0, 0.95), haze=(0.05, 0.2), haze_level=230.0,
+    cloud_threshold=(0.3, 0.8), cloud_brightness=(225.0, 245.0), jpeg_quality=(45, 80),
+)
+
+# City B, unlabelled (the target): a grey, rainy northern city: concrete and dark brick, overcast sky,
+# dim cool light, soft weak shadows; lower buildings, more greenery and grass, more and smaller cars,
+# fewer people, a lower horizon.
+_CITY_B_STYLE = DomainStyle(
+    name="city-b",
+    palette={
+        "sky": ((172, 178, 186), (152, 160, 170), (192, 194, 198)),
+        "road": ((82, 84, 90), (94, 96, 102), (72, 74, 80)),
+        "marking": ((188, 188, 182), (168, 170, 168)),
+        "sidewalk": ((132, 130, 132), (112, 112, 116), (146, 140, 136)),
+        "curb": ((156, 156, 154),),
+        "building": ((128, 128, 130), (102, 100, 102), (140, 98, 88), (156, 154, 150), (86, 86, 92)),
+        "window": ((40, 46, 56), (78, 90, 104)),
+        "pole": ((96, 100, 106), (124, 128, 134), (72, 74, 80)),
+        "light": ((36, 36, 36), (84, 82, 52), (136, 112, 40)),
+        "lamp": ((186, 58, 42), (64, 164, 88), (200, 150, 50)),
+        "sign": ((190, 166, 58), (46, 74, 150), (170, 52, 44)),
+        "sign_border": ((204, 206, 204),),
+        "vegetation": ((50, 84, 46), (62, 96, 54), (42, 70, 42)),
+        "trunk": ((70, 60, 50),),
+        "terrain": ((92, 124, 66), (108, 128, 76), (82, 114, 60)),
+        "shirt": ((52, 54, 62), (104, 40, 42), (46, 58, 92), (128, 122, 110), (176, 178, 176)),
+        "pants": ((34, 36, 44), (62, 66, 84), (86, 76, 64)),
+        "skin": ((198, 160, 132), (134, 98, 76)),
+        "car": ((140, 142, 148), (56, 58, 64), (188, 190, 192), (38, 44, 74), (100, 30, 32), (24, 24, 26)),
+        "car_window": ((38, 46, 56),),
+        "wheel": ((24, 24, 24),),
+        "tail_light": ((180, 38, 38),),
+    },
+    brightness_jitter=0.12, channel_jitter=9.0,
+    horizon=(0.45, 0.55), bottom_depth=(2.3, 2.9), building_height=(3.0, 7.5), building_prob=0.6,
+    n_cars=(2, 6), car_scale=(0.8, 0.95), n_people=(1, 3), person_scale=(0.85, 1.0), n_trees=(2, 5),
+    n_poles=(1, 3), terrain_strip_prob=0.7,
+    palette_mix=_CITY_PALETTE_MIX, palette_base="target",
+    real_look=True, texture_gain=0.7, noise_std=(2.5, 5.5), blur_sigma=(0.5, 0.9),
+    shadow_prob=0.3, shadow_factor=(0.72, 0.86), object_shadow=0.6, light_strength=(0.08, 0.25),
+    exposure=(0.84, 1.02), cast_std=0.04, cast_tint=(0.98, 1.0, 1.03), haze=(0.25, 0.5), haze_level=200.0,
+    cloud_threshold=(-0.6, -0.1), cloud_brightness=(175.0, 205.0), jpeg_quality=(30, 65),
+)
+
+STYLES: dict[str, DomainStyle] = {"source": _SOURCE_STYLE, "target": _TARGET_STYLE,
+                                  "city-a": _CITY_A_STYLE, "city-b": _CITY_B_STYLE}
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """Which styles the two domains of a benchmark use, what the target's Cityscapes city folders are called,
+    and how the files describe them."""
+
+    name: str
+    source: DomainStyle
+    target: DomainStyle
+    target_train_cities: tuple[str, ...]
+    target_val_cities: tuple[str, ...]
+    seed_tag: tuple[int, ...]   # appended to every image's seed key: () keeps synth-to-real's images
+    source_text: str
+    target_text: str
+
+
+SCENARIOS: dict[str, Scenario] = {
+    "synth-to-real": Scenario(
+        "synth-to-real", _SOURCE_STYLE, _TARGET_STYLE, TARGET_TRAIN_CITIES, TARGET_VAL_CITIES, (),
+        source_text="flat 'synthetic' look",
+        target_text="'real' look, JPEG artefacts"),
+    "cross-city": Scenario(
+        "cross-city", _CITY_A_STYLE, _CITY_B_STYLE, ("rainford",), ("rainford",), (1,),
+        source_text="city A 'sunvale': warm, sunny, 'real' look",
+        target_text="city B 'rainford': grey, rainy, 'real' look"),
+}
+DEFAULT_SCENARIO = "synth-to-real"
 
 
 # ------------------------------------------------------------------------------------------ the canvas
@@ -176,7 +314,7 @@ class _Canvas:
         self.label = np.full((h, w), SKY, np.uint8)
         self.part = np.zeros((h, w), np.int32)
         self.colours: list[RGB] = [(0.0, 0.0, 0.0)]
-        # Multiplicative light on the ground (cast shadows); used by the target look only.
+        # Multiplicative light on the ground (cast shadows); used by the real look only.
         self.shade = np.ones((h, w), np.float32)
 
     def colour(self, key: str, jitter: float = 1.0) -> RGB:
@@ -184,7 +322,7 @@ class _Canvas:
         choices = self.style.palette[key]
         base = np.asarray(choices[int(self.rng.integers(len(choices)))], np.float64)
         if self.style.palette_mix < 1.0:
-            start = _SOURCE_STYLE.palette[key]
+            start = STYLES[self.style.palette_base].palette[key]
             start_colour = np.asarray(start[int(self.rng.integers(len(start)))], np.float64)
             base = (1.0 - self.style.palette_mix) * start_colour + self.style.palette_mix * base
         gain = 1.0 + jitter * self.style.brightness_jitter * self.rng.standard_normal()
@@ -259,7 +397,7 @@ class _Canvas:
             y0, x0, yy, xx = grid
             d = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2
             # soft edge: full strength in the middle, fading out at the rim
-            dark = strength * np.clip(1.5 * (1.0 - d), 0.0, 1.0)
+            dark = strength * self.style.object_shadow * np.clip(1.5 * (1.0 - d), 0.0, 1.0)
             win = self.shade[y0:y0 + yy.shape[0], x0:x0 + xx.shape[1]]
             win *= (1.0 - dark).astype(np.float32)
 
@@ -618,7 +756,7 @@ def _place_objects(cv: _Canvas, cam: _Camera, sides: tuple[_Side, _Side], lanes_
 
 
 # ---------------------------------------------------------------------------------------- the looks
-_TEXTURE_AMPLITUDE = {  # (fine grain, medium blotches, coarse stains), in 0..255 units, target look only
+_TEXTURE_AMPLITUDE = {  # (fine grain, medium blotches, coarse stains), in 0..255 units, real look only
     ROAD: (7.0, 5.0, 10.0), SIDEWALK: (5.0, 4.0, 8.0), BUILDING: (3.0, 5.0, 10.0), POLE: (2.0, 2.0, 4.0),
     LIGHT: (2.0, 2.0, 3.0), SIGN: (2.0, 2.0, 4.0), VEGETATION: (10.0, 20.0, 12.0), TERRAIN: (9.0, 12.0, 12.0),
     SKY: (0.0, 0.0, 0.0), PERSON: (3.0, 3.0, 3.0), CAR: (2.0, 2.0, 6.0),
@@ -648,9 +786,13 @@ def _gaussian_blur(img: np.ndarray, sigma: float) -> np.ndarray:
     return sum(t * pad[:, k:k + w] for k, t in enumerate(taps))
 
 
-def _target_look(cv: _Canvas, img: np.ndarray, cam: _Camera, u: np.ndarray) -> np.ndarray:
-    """Turn the flat-colour render into the 'real' look: textures, sky, light, shadows, cast, blur, noise, JPEG."""
-    rng = cv.rng
+def _real_look(cv: _Canvas, img: np.ndarray, cam: _Camera, u: np.ndarray) -> np.ndarray:
+    """Turn the flat-colour render into the 'real' look: textures, sky, light, shadows, cast, blur, noise, JPEG.
+
+    How strong each effect is comes from the canvas's style (cv.style): the synth-to-real target and both
+    cities of the cross-city scenario go through here.
+    """
+    rng, style = cv.rng, cv.style
     h, w = cv.h, cv.w
     label = cv.label
     yy = np.arange(h, dtype=np.float32)[:, None] + 0.5
@@ -660,7 +802,7 @@ def _target_look(cv: _Canvas, img: np.ndarray, cam: _Camera, u: np.ndarray) -> n
     fine = rng.standard_normal((h, w)).astype(np.float32)
     medium = _value_noise(rng, h, w, 3.0 * scale)
     coarse = _value_noise(rng, h, w, 18.0 * scale)
-    gain = cv.style.texture_gain
+    gain = style.texture_gain
     texture = gain * (_AMP_LUTS[0][label] * fine + _AMP_LUTS[1][label] * medium + _AMP_LUTS[2][label] * coarse)
 
     # patterns: bricks on facades, paving slabs in perspective on sidewalks
@@ -677,38 +819,39 @@ def _target_look(cv: _Canvas, img: np.ndarray, cam: _Camera, u: np.ndarray) -> n
 
     # sky: hazier towards the horizon, with clouds
     sky = label == SKY
-    haze = np.clip((yy / max(cam.horizon, 1.0)), 0.0, 1.0) * float(rng.uniform(0.1, 0.35))
+    haze = np.clip((yy / max(cam.horizon, 1.0)), 0.0, 1.0) * _uniform(rng, style.haze)
     cloud_field = _value_noise(rng, h, w, 22.0 * scale) + 0.5 * _value_noise(rng, h, w, 7.0 * scale)
-    clouds = np.clip((cloud_field - float(rng.uniform(-0.2, 0.5))) * 1.5, 0.0, 0.85)
-    cloud_colour = np.asarray(rng.uniform(200, 240) * np.ones(3), np.float32)
-    sky_img = img * (1 - haze[..., None]) + haze[..., None] * 225.0
+    clouds = np.clip((cloud_field - _uniform(rng, style.cloud_threshold)) * 1.5, 0.0, 0.85)
+    cloud_colour = np.asarray(rng.uniform(*style.cloud_brightness) * np.ones(3), np.float32)
+    sky_img = img * (1 - haze[..., None]) + haze[..., None] * style.haze_level
     sky_img = sky_img * (1 - clouds[..., None]) + clouds[..., None] * cloud_colour
     img = np.where(sky[..., None], sky_img, img)
 
     # cast shadows on the ground: from the buildings on the sun-facing side, plus objects' own
     shade = cv.shade.copy()
-    if rng.random() < 0.7:
+    if rng.random() < style.shadow_prob:
         side = int(rng.choice([-1, 1]))
         facade = float(rng.uniform(2.5, 6.0)) * side  # the shadow edge is a line through the vanishing point
         in_shadow = (side * u > abs(facade)) if rng.random() < 0.5 else (side * u > float(rng.uniform(0.0, 2.0)))
-        shade = np.where(in_shadow & (yy > cam.horizon), shade * float(rng.uniform(0.5, 0.7)), shade)
+        shade = np.where(in_shadow & (yy > cam.horizon), shade * _uniform(rng, style.shadow_factor), shade)
     img = img * np.where(_GROUND_LUT[label], shade, 1.0)[..., None]
 
     # light falling off across the image, and a colour cast (white balance)
     angle = float(rng.uniform(0, 2 * math.pi))
-    strength = float(rng.uniform(0.15, 0.45))
+    strength = _uniform(rng, style.light_strength)
     light = 1.0 + strength * (math.cos(angle) * (xx / w - 0.5) + math.sin(angle) * (yy / h - 0.5))
-    exposure = float(rng.uniform(0.8, 1.15))
-    cast = 1.0 + rng.normal(0.0, 0.05, 3).astype(np.float32)
+    exposure = _uniform(rng, style.exposure)
+    cast = 1.0 + rng.normal(0.0, style.cast_std, 3).astype(np.float32)
+    if style.cast_tint != (1.0, 1.0, 1.0):
+        cast = cast * np.asarray(style.cast_tint, np.float32)
     img = img * (light * exposure)[..., None] * cast
 
-    img = _gaussian_blur(img.astype(np.float32), _uniform(rng, cv.style.blur_sigma))
-    img = img + rng.normal(0.0, _uniform(rng, cv.style.noise_std), img.shape).astype(np.float32)
+    img = _gaussian_blur(img.astype(np.float32), _uniform(rng, style.blur_sigma))
+    img = img + rng.normal(0.0, _uniform(rng, style.noise_std), img.shape).astype(np.float32)
     rgb = np.clip(np.rint(img), 0, 255).astype(np.uint8)
 
     buf = io.BytesIO()
-    Image.fromarray(rgb, "RGB").save(buf, format="JPEG", quality=int(rng.integers(JPEG_QUALITY[0],
-                                                                                 JPEG_QUALITY[1] + 1)))
+    Image.fromarray(rgb, "RGB").save(buf, format="JPEG", quality=_count(rng, style.jpeg_quality))
     buf.seek(0)
     with Image.open(buf) as jpeg:
         return np.asarray(jpeg.convert("RGB"), dtype=np.uint8).copy()
@@ -725,15 +868,25 @@ def check_size(size: Sequence[int]) -> tuple[int, int]:
     return h, w
 
 
-def render_scene(rng: np.random.Generator, size: tuple[int, int], domain: str) -> tuple[np.ndarray, np.ndarray]:
+def resolve_style(domain: str | DomainStyle) -> DomainStyle:
+    """A DomainStyle, or the name of one in STYLES ("source", "target", "city-a", "city-b")."""
+    if isinstance(domain, DomainStyle):
+        return domain
+    if domain not in STYLES:
+        raise ValueError(f"domain must be one of {sorted(STYLES)} or a DomainStyle, got {domain!r}")
+    return STYLES[domain]
+
+
+def render_scene(rng: np.random.Generator, size: tuple[int, int], domain: str | DomainStyle
+                 ) -> tuple[np.ndarray, np.ndarray]:
     """One street scene: (RGB image HxWx3 uint8, label HxW uint8 of Cityscapes label ids).
 
-    `domain` is "source" (flat synthetic look) or "target" (textured 'real' look, JPEG-compressed).
+    `domain` is a DomainStyle or its name: "source" (flat synthetic look), "target" (textured 'real' look,
+    JPEG-compressed), "city-a" / "city-b" (the two 'real'-looking cities of the cross-city scenario).
+    The style's `real_look` flag picks the look; its other fields the layout, palette and light.
     """
-    if domain not in STYLES:
-        raise ValueError(f"domain must be one of {sorted(STYLES)}, got {domain!r}")
+    style = resolve_style(domain)
     h, w = check_size(size)
-    style = STYLES[domain]
     cv = _Canvas(h, w, rng, style)
     cv.colours[0] = cv.colour("sky")
 
@@ -766,8 +919,8 @@ def render_scene(rng: np.random.Generator, size: tuple[int, int], domain: str) -
         draw()
 
     img = np.asarray(cv.colours, np.float32)[cv.part]
-    if domain == "target":
-        image = _target_look(cv, img, cam, u)
+    if style.real_look:
+        image = _real_look(cv, img, cam, u)
     else:
         image = np.clip(np.rint(img), 0, 255).astype(np.uint8)
     return image, cv.label.copy()
@@ -862,7 +1015,8 @@ class SynthStats:
     size: tuple[int, int]
     counts: dict[str, int]
     domains: dict[str, DomainStats]
-    seconds: float = 0.0
+    seconds: float = 0.0   # wall-clock of the render: printed, never written (the files stay byte-identical)
+    scenario: str = DEFAULT_SCENARIO
 
     def colour_distance(self) -> np.ndarray:
         """Euclidean distance (RGB, 0..255) between each class's mean colour in source and in target."""
@@ -872,11 +1026,14 @@ class SynthStats:
     def format_table(self) -> str:
         src, tgt = self.domains["source"], self.domains["target"]
         h, w = self.size
-        lines = [f"synthetic benchmark: seed {self.seed}, {h}x{w}, {self.counts['source']} source / "
-                 f"{self.counts['target_train']} target train / {self.counts['target_val']} target val images, "
-                 f"{self.seconds:.1f} s",
-                 f"{'class':<14}{'src px %':>9}{'tgt px %':>9}   {'src mean RGB':<16}{'tgt mean RGB':<16}"
-                 f"{'dist':>6}"]
+        sc = SCENARIOS.get(self.scenario)
+        lines = [f"synthetic benchmark ({self.scenario}): seed {self.seed}, {h}x{w}, {self.counts['source']} source "
+                 f"train / {self.counts.get('source_val', 0)} source val / {self.counts['target_train']} target "
+                 f"train / {self.counts['target_val']} target val images, {self.seconds:.1f} s"]
+        if sc is not None:
+            lines.append(f"source = {sc.source_text}; target = {sc.target_text}")
+        lines.append(f"{'class':<14}{'src px %':>9}{'tgt px %':>9}   {'src mean RGB':<16}{'tgt mean RGB':<16}"
+                     f"{'dist':>6}")
 
         def rgb(c: np.ndarray) -> str:
             return "-" if np.isnan(c).any() else "({:3.0f},{:3.0f},{:3.0f})".format(*c)
@@ -901,11 +1058,14 @@ class SynthStats:
         return "\n".join(lines)
 
     def to_json(self) -> dict:
+        # No wall-clock here: stats.json must be the same bytes for the same arguments.
+        sc = SCENARIOS.get(self.scenario)
         return {
+            "scenario": self.scenario,
             "seed": self.seed,
             "size": list(self.size),
             "counts": dict(self.counts),
-            "seconds": round(self.seconds, 2),
+            "styles": {"source": sc.source.name, "target": sc.target.name} if sc else None,
             "label_ids": {_LABEL_NAMES[lid]: lid for lid in SYNTH_LABEL_IDS},
             "domains": {name: d.to_json() for name, d in self.domains.items()},
             "class_colour_distance": {_LABEL_NAMES[lid]: (None if np.isnan(d) else round(float(d), 2))
@@ -922,6 +1082,9 @@ def _png_bytes(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+SOURCE_VAL_PREFIX = "val_"   # held-out source images: source/images/val_NNNNN.png, next to the training ones
+
+
 @dataclass(frozen=True)
 class _Job:
     domain: str
@@ -929,27 +1092,42 @@ class _Job:
     index: int
     image_path: Path
     label_path: Path
+    style: DomainStyle
+    seed_tag: tuple[int, ...] = ()
 
     @property
-    def seed_key(self) -> tuple[int, int, int]:
-        return DOMAINS.index(self.domain), ("train", "val").index(self.split), self.index
+    def seed_key(self) -> tuple[int, ...]:
+        """(domain, split, index[, scenario tag]): each image has its own stream, whatever the counts."""
+        return (DOMAINS.index(self.domain), ("train", "val").index(self.split), self.index, *self.seed_tag)
 
 
-def _jobs(out: Path, n_source: int, n_target: int, n_val: int) -> list[_Job]:
-    jobs = [_Job("source", "train", i, out / "source" / "images" / f"{i:05d}.png",
-                 out / "source" / "labels" / f"{i:05d}.png") for i in range(n_source)]
-    for split, n, cities in (("train", n_target, TARGET_TRAIN_CITIES), ("val", n_val, TARGET_VAL_CITIES)):
+def _jobs(out: Path, scenario: Scenario, n_source: int, n_source_val: int, n_target: int, n_val: int
+          ) -> list[_Job]:
+    src = out / "source"
+    jobs = [_Job("source", split, i, src / "images" / f"{prefix}{i:05d}.png", src / "labels" / f"{prefix}{i:05d}.png",
+                 scenario.source, scenario.seed_tag)
+            for split, n, prefix in (("train", n_source, ""), ("val", n_source_val, SOURCE_VAL_PREFIX))
+            for i in range(n)]
+    for split, n, cities in (("train", n_target, scenario.target_train_cities),
+                             ("val", n_val, scenario.target_val_cities)):
         for i in range(n):
             city = cities[i % len(cities)]
             stem = f"{city}_{i:06d}_{CITYSCAPES_FRAME:06d}"
             jobs.append(_Job("target", split, i,
                              out / "target" / "leftImg8bit" / split / city / f"{stem}_leftImg8bit.png",
-                             out / "target" / "gtFine" / split / city / f"{stem}_gtFine_labelIds.png"))
+                             out / "target" / "gtFine" / split / city / f"{stem}_gtFine_labelIds.png",
+                             scenario.target, scenario.seed_tag))
     return jobs
 
 
+def _split_list(jobs: list[_Job], split: str) -> str:
+    """A GTA5 split list (root/{split}.txt): one image file name per line."""
+    return "".join(f"{job.image_path.name}\n" for job in jobs if job.domain == "source" and job.split == split)
+
+
 def _remove_stale(out: Path, written: set[Path]) -> int:
-    """Delete PNGs of an earlier, larger render in this benchmark's own folders, so none leaks into a dataset."""
+    """Delete PNGs of an earlier, larger (or other-scenario) render in this benchmark's own folders, so none
+    leaks into a dataset, and the city folders that leaves empty."""
     removed = 0
     for folder in (out / "source" / "images", out / "source" / "labels", out / "target" / "leftImg8bit",
                    out / "target" / "gtFine"):
@@ -958,47 +1136,76 @@ def _remove_stale(out: Path, written: set[Path]) -> int:
                 if path not in written:
                     path.unlink()
                     removed += 1
+            for sub in sorted(folder.glob("*/*"), reverse=True):  # {split}/{city} of the Cityscapes layout
+                if sub.is_dir() and not any(sub.iterdir()):
+                    sub.rmdir()
     return removed
 
 
-_README = """Synthetic-to-real street-scene benchmark rendered by `corte-ray synth` (seed {seed}, size {h}x{w}).
+_README = """Street-scene benchmark rendered by `corte-ray synth --scenario {scenario}` (seed {seed}, size {h}x{w}).
 
-source/  GTA5 layout: images/NNNNN.png (flat 'synthetic' look), labels/NNNNN.png (Cityscapes label ids)
-target/  Cityscapes layout: leftImg8bit/{{train,val}}/CITY/*_leftImg8bit.png ('real' look, JPEG artefacts),
+Scenario {scenario}: source = {source_text}; target = {target_text}.
+source/  labelled, GTA5 layout: images/NNNNN.png training images ({n_source}, listed in train.txt),
+         images/val_NNNNN.png held-out images ({n_source_val}, listed in val.txt where there are any),
+         labels/ the same names (Cityscapes label ids)
+target/  Cityscapes layout: leftImg8bit/{{train,val}}/CITY/*_leftImg8bit.png ({n_target} train, {n_val} val),
          gtFine/{{train,val}}/CITY/*_gtFine_labelIds.png (train labels are for oracle runs/diagnostics only)
+Dataset `synth` splits: source = source/train.txt, source_val = source/val.txt, train / val = target/.
 Classes (Cityscapes label ids): {classes}
 stats.json holds the per-domain statistics printed by the command.
 """
 
 
 def render_benchmark(out: Path | str, seed: int = 0, n_source: int = 200, n_target: int = 200, n_val: int = 50,
-                     size: tuple[int, int] = (128, 256)) -> SynthStats:
-    """Render the two-domain benchmark into `out` and return its statistics (also written to out/stats.json)."""
+                     size: tuple[int, int] = (128, 256), n_source_val: int = 0,
+                     scenario: str = DEFAULT_SCENARIO) -> SynthStats:
+    """Render the two-domain benchmark into `out` and return its statistics (also written to out/stats.json).
+
+    `n_source_val` held-out source images (source/images/val_NNNNN.png, listed in source/val.txt; the training
+    images are listed in source/train.txt) measure a source model on its own domain; each has its own seed key,
+    so adding them changes no other image. `scenario` picks the two domains (SCENARIOS): "synth-to-real"
+    (flat synthetic source, 'real' target) or "cross-city" (two 'real'-looking cities). The same arguments give
+    byte-identical files.
+    """
     h, w = check_size(size)
     if seed < 0:
         raise ValueError(f"seed must be >= 0, got {seed}")
-    for name, n in (("n_source", n_source), ("n_target", n_target), ("n_val", n_val)):
+    for name, n in (("n_source", n_source), ("n_source_val", n_source_val), ("n_target", n_target),
+                    ("n_val", n_val)):
         if n < 0:
             raise ValueError(f"{name} must be >= 0, got {n}")
+    if scenario not in SCENARIOS:
+        raise ValueError(f"scenario must be one of {', '.join(SCENARIOS)}, got {scenario!r}")
+    sc = SCENARIOS[scenario]
     out = Path(out)
-    jobs = _jobs(out, n_source, n_target, n_val)
+    jobs = _jobs(out, sc, n_source, n_source_val, n_target, n_val)
     stats = SynthStats(seed=seed, size=(h, w),
-                       counts={"source": n_source, "target_train": n_target, "target_val": n_val},
-                       domains={d: DomainStats() for d in DOMAINS})
+                       counts={"source": n_source, "source_val": n_source_val, "target_train": n_target,
+                               "target_val": n_val},
+                       domains={d: DomainStats() for d in DOMAINS}, scenario=scenario)
     start = time.perf_counter()
     for job in progress(jobs, desc="synth", total=len(jobs), unit="img"):
         rng = np.random.default_rng(np.random.SeedSequence([seed, *job.seed_key]))
-        image, label = render_scene(rng, (h, w), job.domain)
+        image, label = render_scene(rng, (h, w), job.style)
         write_bytes_atomic(job.image_path, _png_bytes(image))
         write_bytes_atomic(job.label_path, _png_bytes(label))
         stats.domains[job.domain].add(image, label)
     removed = _remove_stale(out, {p for job in jobs for p in (job.image_path, job.label_path)})
     if removed:
         log.warning("removed %d PNG(s) of an earlier render from %s", removed, out)
+    # split lists in the GTA5 convention (source/{split}.txt), read by the `synth` and `gta5` datasets
+    write_text_atomic(out / "source" / "train.txt", _split_list(jobs, "train"))
+    val_list = out / "source" / "val.txt"
+    if n_source_val:
+        write_text_atomic(val_list, _split_list(jobs, "val"))
+    elif val_list.exists():  # an earlier render's list would name images that are gone
+        val_list.unlink()
     stats.seconds = time.perf_counter() - start
     write_json_atomic(out / "stats.json", stats.to_json())
     classes = ", ".join(f"{_LABEL_NAMES[lid]} {lid}" for lid in SYNTH_LABEL_IDS)
-    write_text_atomic(out / "README.txt", _README.format(seed=seed, h=h, w=w, classes=classes))
+    write_text_atomic(out / "README.txt", _README.format(
+        scenario=scenario, seed=seed, h=h, w=w, classes=classes, source_text=sc.source_text,
+        target_text=sc.target_text, n_source=n_source, n_source_val=n_source_val, n_target=n_target, n_val=n_val))
     log.info("rendered %d images into %s in %.1f s", len(jobs), out, stats.seconds)
     return stats
 
