@@ -81,6 +81,30 @@ class DeepLabV3(SegmentationModel):
         return self.head(features), features
 
 
+class DeepLabV3Plus(SegmentationModel):
+    """DeepLabV3+ (Chen et al. 2018): DeepLabV3's ASPP on a dilated ResNet, plus a decoder that brings back the
+    stride-4 features of the first stage, so thin objects (poles, signs, people) keep their shape."""
+
+    def __init__(self, backbone_name: str, num_classes: int, pretrained: bool = False, output_stride: int = 16,
+                 rates: Sequence[int] = (6, 12, 18), low_channels: int = 48, decoder_channels: int = 128) -> None:
+        backbone = timm.create_model(
+            backbone_name, pretrained=pretrained, features_only=True, out_indices=(1, 4), output_stride=output_stride
+        )
+        low_dim, feature_dim = backbone.feature_info.channels()
+        super().__init__(num_classes, feature_dim=feature_dim)
+        self.backbone = backbone
+        self.aspp = ASPP(feature_dim, rates)
+        self.low_project = _conv_bn_relu(low_dim, low_channels, 1)
+        self.decoder = _conv_bn_relu(256 + low_channels, decoder_channels, 3)
+        self.classifier = nn.Conv2d(decoder_channels, num_classes, 1)
+
+    def segment(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        low, features = self.backbone(x)
+        high = torch.nn.functional.interpolate(self.aspp(features), size=low.shape[-2:], mode="bilinear",
+                                               align_corners=False)
+        return self.classifier(self.decoder(torch.cat([high, self.low_project(low)], dim=1))), features
+
+
 @SOURCE_MODELS.register("deeplabv3_resnet50")
 def deeplabv3_resnet50(num_classes: int = 19, pretrained: bool = False) -> SegmentationModel:
     return DeepLabV3("resnet50", num_classes, pretrained, output_stride=8, rates=(12, 24, 36))
@@ -118,3 +142,9 @@ def build_model(
         return build_student(name, num_classes, pretrained, weights)
     known = ", ".join(STUDENTS.names() + SOURCE_MODELS.names())
     raise KeyError(f"unknown model {name!r}; known: {known}")
+
+
+@SOURCE_MODELS.register("deeplabv3plus_resnet18")
+def deeplabv3plus_resnet18(num_classes: int = 19, pretrained: bool = False) -> SegmentationModel:
+    # The demo's black box: output stride 16 keeps it CPU-friendly, the stride-4 decoder keeps thin classes.
+    return DeepLabV3Plus("resnet18", num_classes, pretrained, output_stride=16, rates=(6, 12, 18))

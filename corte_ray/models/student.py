@@ -50,11 +50,12 @@ class LRASPPHead(nn.Module):
 class MobileNetV3LRASPP(SegmentationModel):
     """MobileNetV3 at output stride 16 (dilated last stage, as in the paper) with an LR-ASPP head."""
 
-    def __init__(self, backbone_name: str, num_classes: int, pretrained: bool = False) -> None:
+    def __init__(self, backbone_name: str, num_classes: int, pretrained: bool = False, low_index: int = 2) -> None:
         # out_indices (2, 4) = the stride-8 stage and the last stage, for both mobilenetv3_large_100
-        # and mobilenetv3_small_100 in timm 1.0 (feature_info reductions [2, 4, 8, 16, 32]).
+        # and mobilenetv3_small_100 in timm 1.0 (feature_info reductions [2, 4, 8, 16, 32]); low_index 1 takes
+        # the low-level branch from stride 4 instead (small images: thin objects are sub-pixel at stride 8).
         backbone = timm.create_model(
-            backbone_name, pretrained=pretrained, features_only=True, out_indices=(2, 4), output_stride=16
+            backbone_name, pretrained=pretrained, features_only=True, out_indices=(low_index, 4), output_stride=16
         )
         low_channels, high_channels = backbone.feature_info.channels()
         super().__init__(num_classes, feature_dim=high_channels)
@@ -111,6 +112,11 @@ class EfficientNetMLP(SegmentationModel):
 @STUDENTS.register("mobilenetv3_lraspp")
 def mobilenetv3_lraspp(num_classes: int = 19, pretrained: bool = False) -> SegmentationModel:
     return MobileNetV3LRASPP("mobilenetv3_large_100", num_classes, pretrained)
+
+
+@STUDENTS.register("mobilenetv3_lraspp_s4")
+def mobilenetv3_lraspp_s4(num_classes: int = 19, pretrained: bool = False) -> SegmentationModel:
+    return MobileNetV3LRASPP("mobilenetv3_large_100", num_classes, pretrained, low_index=1)
 
 
 @STUDENTS.register("mobilenetv3_small_lraspp")
