@@ -53,7 +53,8 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
     try:
         stats = render_benchmark(args.out, seed=args.seed, n_source=args.n_source, n_target=args.n_target,
-                                 n_val=args.n_val, size=args.size)
+                                 n_val=args.n_val, size=args.size, n_source_val=args.n_source_val,
+                                 scenario=args.scenario)
     except ValueError as exc:  # bad size / seed / counts: a user error, one line
         from .errors import ConfigError
 
@@ -148,6 +149,13 @@ def cmd_adapt(args: argparse.Namespace) -> int:
         flags = _flag_overrides(args, {**_DATA_FLAGS, "method": "method", "engine": "scaling.engine",
                                        "blackbox": "blackbox.spec", "label_store": "blackbox.label_store",
                                        "student": "model.student", "device": "train.device"})
+        if args.source_checkpoint is not None:
+            from .pipeline import checkpoint_arch
+
+            # STvM trains the source model's own architecture from its weights: take the arch from the file.
+            flags.append(f"model.weights={args.source_checkpoint}")
+            if args.student is None:
+                flags.append(f"model.student={checkpoint_arch(args.source_checkpoint)}")
         cfg = _config_from_args(args, None, flags)
     elif args.overrides:
         raise SystemExit("corte-ray adapt: --resume continues a run with its saved config; drop the overrides")
@@ -217,7 +225,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
     engine = args.engine or ("local" if args.quick else "ray")
-    run_demo(args.out, quick=args.quick, seed=args.seed, device=args.device, threads=args.threads, engine=engine)
+    run_demo(args.out, quick=args.quick, seed=args.seed, device=args.device, threads=args.threads, engine=engine,
+             lanes=args.lanes)
     return 0
 
 
@@ -237,15 +246,28 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
     fmt = argparse.ArgumentDefaultsHelpFormatter
 
-    p = sub.add_parser("synth", formatter_class=fmt, help="render the synthetic-to-real benchmark",
+    p = sub.add_parser("synth", formatter_class=fmt, help="render the synthetic two-domain benchmark",
                        description="Render the procedural two-domain street-scene benchmark: DIR/source in GTA5 "
-                                   "layout (flat synthetic look) and DIR/target in Cityscapes layout (textured "
-                                   "'real' look). The same seed gives byte-identical files.")
+                                   "layout (labelled; split lists source/train.txt and source/val.txt) and "
+                                   "DIR/target in Cityscapes layout (train unlabelled for adaptation, val labelled). "
+                                   "Scenario synth-to-real: flat synthetic source, textured 'real' target. Scenario "
+                                   "cross-city: two 'real'-looking cities, a warm sunny city A as the source and a "
+                                   "grey rainy city B as the target, with their own layouts, palettes and light. "
+                                   "Read it with --dataset synth: splits source, source_val, train, val. The same "
+                                   "arguments give byte-identical files.")
     p.add_argument("--out", required=True, type=Path, help="output directory")
+    # the names of corte_ray.data.synth.SCENARIOS, spelled out so building the parser imports no numpy
+    p.add_argument("--scenario", choices=("synth-to-real", "cross-city"), default="synth-to-real",
+                   help="the two domains: synth-to-real (flat synthetic source -> textured 'real' target) or "
+                        "cross-city (real-looking city A -> real-looking city B: a smaller gap in layout, palette "
+                        "and light)")
     p.add_argument("--seed", type=int, default=0, help="random seed")
-    p.add_argument("--n-source", type=int, default=200, help="labelled source images")
-    p.add_argument("--n-target", type=int, default=200, help="unlabelled target training images")
-    p.add_argument("--n-val", type=int, default=50, help="labelled target validation images")
+    p.add_argument("--n-source", type=int, default=200, help="labelled source training images (split source)")
+    p.add_argument("--n-source-val", type=int, default=50,
+                   help="labelled held-out source images (split source_val: a source model's accuracy on its own "
+                        "domain, beside its target accuracy); 0 = none")
+    p.add_argument("--n-target", type=int, default=200, help="unlabelled target training images (split train)")
+    p.add_argument("--n-val", type=int, default=50, help="labelled target validation images (split val)")
     p.add_argument("--size", type=_size, default=(128, 256), help="image size HxW")
     p.set_defaults(func=cmd_synth)
 
@@ -262,19 +284,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("demo", formatter_class=fmt, help="the whole pipeline on the embedded synthetic benchmark",
-                       description="synth -> train-source (a heavy model, then hidden behind the black-box "
-                                   "interface) -> label the target -> adapt `distill` and `corte` students -> a "
-                                   "table of target-val mIoU, parameters and CPU images/s, also in OUT/results.json. "
-                                   "Rerunning with the same --out resumes and skips finished steps.")
+                       description="synth -> train-source (a heavy DeepLabV3+, then hidden behind the black-box "
+                                   "interface) -> label the target -> adapt one student per method (distill, "
+                                   "threshold_st, corte, corte_metric, stvm from the source weights, oracle) side "
+                                   "by side, one CPU thread each -> a table of target-val mIoU (the box also on "
+                                   "held-out source images), share of the box->oracle gap closed, parameters and "
+                                   "CPU images/s, in OUT/results.md and OUT/results.json, with OUT/predictions.png "
+                                   "and OUT/curves.png. Rerunning with the same --out resumes and skips finished "
+                                   "rows.")
     p.add_argument("--out", type=Path, default=Path("demo_out"), help="output directory")
-    p.add_argument("--quick", action="store_true", help="a smaller benchmark and shorter schedules (about 3 min on 2 CPU cores)")
+    p.add_argument("--quick", action="store_true",
+                   help="a smaller benchmark, shorter schedules and the rows blackbox, distill, corte, oracle "
+                        "(about 3 min on 2 CPU cores, against about 10 for the full demo)")
     p.add_argument("--seed", type=int, default=0, help="random seed for the benchmark and training")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--threads", type=int, default=0,
-                   help="torch CPU threads (0 = torch's default); use 1 when other processes share the cores")
+                   help="torch CPU threads per row (0 = 1: the rows run side by side)")
+    p.add_argument("--lanes", type=int, default=0, help="rows trained at a time (0 = the number of CPU cores)")
     p.add_argument("--engine", choices=("ray", "local"), default=None,
-                   help="ray: label with a Ray Data job and adapt with Ray Train; local: one process, no Ray "
-                        "(default: ray, or local with --quick, which skips Ray's start-up)")
+                   help="ray: rows as Ray tasks and labelling as a Ray Data job; local: rows as local processes, "
+                        "no Ray (default: ray, or local with --quick, which skips Ray's start-up)")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("train-source", formatter_class=fmt, help="train the source model and export it as a black box",
@@ -328,6 +357,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--student", default=None, help="student architecture (model.student)")
     p.add_argument("--resize", type=_size, default=None, help="resize images to HxW (data.resize)")
     p.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:N (train.device)")
+    p.add_argument("--source-checkpoint", default=None, metavar="CKPT",
+                   help="white-box source model to start from (stvm: required; sets model.weights and, unless "
+                        "--student is given, model.student to the checkpoint's architecture)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     _add_config_args(p)
     p.set_defaults(func=cmd_adapt)

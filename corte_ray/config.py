@@ -50,6 +50,8 @@ class DataConfig:
     batch_size: int = 8                            # per worker
     loader_workers: int = 0                        # torch DataLoader worker processes in the local engine
     val_max_images: int | None = None              # evaluate on the first N val images only (quick runs)
+    cache_images: bool = False                     # keep decoded training images (and their labels) in memory:
+                                                   # small datasets and slow disks; the local engine only
 
     def validate(self, p: str = "data") -> None:
         _check(self.dataset in ("cityscapes", "gta5", "synthia", "nthu", "folder", "synth"), f"{p}.dataset",
@@ -93,7 +95,7 @@ class CorteConfig:
     refine_start: float = 0.25                     # fraction of the schedule before teacher refinement starts
     warmup: float = 0.10                           # fraction of the schedule on y_B only, no mixing
     weak_weight: float = 1.0                       # lambda_w of the weak-view CE
-    reliability: Literal["quality", "metric"] = "quality"  # pixel weights: DACS quality, or STvM metric reliability
+    mix: bool = True                               # ClassMix the strong view (false: the ablation without mixing)
 
     def validate(self, p: str = "corte") -> None:
         _in_range(self.rc_scale, f"{p}.rc_scale", 0.0, 5.0)
@@ -108,8 +110,14 @@ class CorteConfig:
 class EMAConfig:
     momentum: float = 0.999                        # teacher <- m teacher + (1 - m) student, every optimiser step
     threshold_momentum: float = 0.99               # running teacher class thresholds tau^T_c
+    # How the teacher starts (docs/methods.md): ramp = m_t = min(m, 1 - 1/(t+1)) from step 0 (a running average
+    # of the student from the first step); copy = a copy of the student at the end of the CoRTe warm-up, then
+    # constant m; init = a copy of the initial student and constant m from step 0 (kept for the measurement
+    # that rules it out: the teacher is still mostly random weights when refinement starts).
+    start: Literal["ramp", "copy", "init"] = "ramp"
 
     def validate(self, p: str = "ema") -> None:
+        _check(self.start in ("ramp", "copy", "init"), f"{p}.start", f"must be ramp, copy or init, got {self.start!r}")
         _in_range(self.momentum, f"{p}.momentum", 0.0, 1.0, hi_open=True)
         _in_range(self.threshold_momentum, f"{p}.threshold_momentum", 0.0, 1.0, hi_open=True)
 
@@ -125,6 +133,8 @@ class STvMConfig:
     proxy_alpha: float = 32.0                      # Proxy-Anchor scale
     proxy_margin: float = 0.1                      # Proxy-Anchor margin delta
     embed_dim: int = 128
+    metric_weighting: bool = True                  # weight each pixel's CE by its reliability (false: uniform, the ablation)
+    mocm: bool = True                              # classes to paste chosen by reliability (false: plain ClassMix)
 
     def validate(self, p: str = "stvm") -> None:
         _check(self.metric_pixels >= 16, f"{p}.metric_pixels", "must be >= 16")
@@ -159,6 +169,9 @@ class TrainConfig:
     log_every: int = 20                            # TensorBoard scalars every N steps
     cpu_threads: int = 0                           # torch intra-op threads on CPU (0 = torch's default); set it
                                                    # below the core count when other processes share the CPUs
+    progress_every_s: float = 10.0                 # a progress line (and RUN/progress.json) every N seconds (0 = off)
+    label_diagnostics: bool = True                 # where the training images have ground truth, log the accuracy
+                                                   # of the pseudo-labels (kept / filled / overridden) to TensorBoard
 
     def validate(self, p: str = "train") -> None:
         _check(self.iterations >= 1, f"{p}.iterations", f"must be >= 1, got {self.iterations}")

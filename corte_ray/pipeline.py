@@ -88,8 +88,12 @@ def adapt(cfg: Config | None, run_dir: str | Path, resume: bool = False):
     from .methods.steps import METHODS
 
     run_dir = Path(run_dir)
+    if cfg is not None and METHODS.get(cfg.method).needs_source_weights and not cfg.model.weights:
+        # Before the run directory exists: a refused command leaves nothing behind to block the corrected one.
+        raise ConfigError(f"model.weights: method {cfg.method} starts student and teacher from the white-box "
+                          f"source model; pass --source-checkpoint CKPT (or model.weights=CKPT)")
     cfg = prepare_run_dir(run_dir, cfg, resume)
-    store = None if METHODS.get(cfg.method).needs_ground_truth else open_label_store(cfg, run_dir)
+    store = open_label_store(cfg, run_dir) if METHODS.get(cfg.method).needs_box_labels else None
     if cfg.scaling.engine == "ray":
         from .train.ray_engine import fit_ray
 
@@ -122,6 +126,24 @@ def load_checkpoint_model(path: str | Path, use_teacher: bool = False):
         sd = {k.split("module.", 1)[1] if k.startswith("module.") else k: v for k, v in sd.items()}
     model.load_state_dict(sd)
     return model.eval(), cfg
+
+
+def checkpoint_arch(path: str | Path) -> str:
+    """The architecture name stored in a corte-ray training checkpoint (for `--source-checkpoint`)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "checkpoint.pt"
+    if not path.is_file():
+        raise InputError(path, "source checkpoint not found")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - torch raises many types for a bad file
+        raise InputError(path, f"not a readable checkpoint ({type(exc).__name__})") from None
+    arch = state.get("arch") if isinstance(state, dict) else None
+    if not arch:
+        raise InputError(path, "names no architecture (not a corte-ray training checkpoint); pass --student ARCH "
+                               "and model.weights=FILE instead")
+    return str(arch)
 
 
 def train_source(cfg: Config, run_dir: str | Path, export_path: str | Path, resume: bool = False) -> dict:

@@ -38,24 +38,97 @@ def _adapt(run: Path, bench: Path, store: Path, *extra: str) -> int:
                  *extra])
 
 
-def test_interrupted_then_resumed_equals_uninterrupted(tiny_bench, box_and_store, tmp_path):
-    _, store = box_and_store
-    full, part = tmp_path / "full", tmp_path / "part"
-    assert _adapt(full, tiny_bench, store, "train.iterations=6") == 0
-    # The same run, but with a schedule that stops at step 3 checkpointed...
-    assert _adapt(part, tiny_bench, store, "train.iterations=6", "train.checkpoint_every=3") == 0
-    ck = sorted((part / "checkpoints").glob("step_*"))
-    assert [p.name for p in ck] == ["step_0000003", "step_0000006"]
-    import shutil
+def _batches(n: int, b: int, start: int, count: int, rank: int = 0) -> list[list[int]]:
+    from corte_ray.train.loop import sample_order
 
-    shutil.rmtree(ck[-1])                    # ... killed before it wrote step 6
+    it = iter(sample_order(n, b, seed=3, rank=rank, start_step=start))
+    return [[next(it) for _ in range(b)] for _ in range(count)]
+
+
+@pytest.mark.parametrize("n, b", [(13, 4), (12, 5), (11, 4), (12, 4), (9, 9)])
+def test_sample_order_resumed_at_any_step_continues_the_same_batches(n, b):
+    from corte_ray.train.loop import sample_order
+
+    per_epoch = n // b
+    total = 3 * per_epoch + 2                       # into the fourth epoch
+    full = _batches(n, b, 0, total)
+    for s in range(1, total):                       # inside epochs and on their boundaries
+        assert _batches(n, b, s, total - s) == full[s:], f"resumed at step {s}"
+    for e in range(3):                              # an epoch: whole batches of distinct images
+        epoch = sum(full[e * per_epoch:(e + 1) * per_epoch], [])
+        assert len(set(epoch)) == len(epoch) == per_epoch * b
+    assert _batches(n, b, 0, total, rank=1) != full  # each rank has its own order
+    sampler = sample_order(n, b, seed=3, rank=0, start_step=2)
+    assert [next(iter(sampler)) for _ in range(2)] == [full[2][0]] * 2   # iterating again starts again
+
+
+def test_local_batches_resumed_at_any_step_continues_the_same_batches():
+    """The DataLoader path (drop_last over an endless sampler) with 13 images in batches of 4."""
+    import numpy as np
+
+    from corte_ray.train.loop import local_batches
+
+    class Indices(torch.utils.data.Dataset):
+        def __len__(self):
+            return 13
+
+        def __getitem__(self, i):
+            return {"image": np.full((3, 1, 1), i, dtype=np.uint8)}
+
+    cfg = load_config(None, ["data.batch_size=4", "train.seed=3"])
+
+    def run(start: int, count: int) -> list[list[int]]:
+        it = local_batches(Indices(), cfg, 0, start)
+        return [next(it)["image"][:, 0, 0, 0].tolist() for _ in range(count)]
+
+    full = run(0, 11)
+    assert full == _batches(13, 4, 0, 11)
+    for s in (2, 3, 4, 6, 9):
+        assert run(s, 11 - s) == full[s:], f"resumed at step {s}"
+
+
+class _Killed(Exception):
+    """Stands for the process dying."""
+
+
+def test_interrupted_then_resumed_equals_uninterrupted(tiny_bench, box_and_store, tmp_path, monkeypatch):
+    from corte_ray.data.datasets import open_dataset
+    from corte_ray.train.context import LocalContext
+
+    _, store = box_and_store
+    # Batches of 5 from 12 images: every epoch has a remainder, as real data sets do (Cityscapes: 2975 % 8 = 7),
+    # and the step-3 checkpoint falls inside the second epoch.
+    batch = 5
+    assert len(open_dataset("synth", tiny_bench, split="train")) % batch != 0
+    run_args = (f"data.batch_size={batch}", "train.iterations=6", "train.checkpoint_every=3")
+    full, part = tmp_path / "full", tmp_path / "part"
+    assert _adapt(full, tiny_bench, store, *run_args) == 0
+
+    def die_at_step_4(self, step: int) -> None:
+        if step == 4:
+            raise _Killed
+
+    # The same run, killed after step 4 (checkpointed at step 3)...
+    monkeypatch.setattr(LocalContext, "on_step", die_at_step_4)
+    with pytest.raises(_Killed):
+        _adapt(part, tiny_bench, store, *run_args)
+    assert [p.name for p in (part / "checkpoints").glob("step_*")] == ["step_0000003"]
+    # ... and resumed: it must run steps 4..6 only (a run that ignored its checkpoint would end with the same
+    # weights, having started again at step 1).
+    ran: list[int] = []
+    monkeypatch.setattr(LocalContext, "on_step", lambda self, step: ran.append(step))
     assert main(["-q", "adapt", "--out", str(part), "--resume"]) == 0
+    assert ran == [4, 5, 6]
+    assert [json.loads(l)["step"] for l in (part / "metrics.jsonl").read_text().splitlines()] == [3, 6]
     a = torch.load(full / "checkpoints" / "step_0000006" / "checkpoint.pt", weights_only=True)
     b = torch.load(part / "checkpoints" / "step_0000006" / "checkpoint.pt", weights_only=True)
     for key in ("student", "teacher"):
         for name, t in a[key].items():
             assert torch.equal(t, b[key][name]), f"{key}.{name} differs after resume"
     assert a["method"]["teacher_thresholds"]["mean"].tolist() == b["method"]["teacher_thresholds"]["mean"].tolist()
+    assert len(a["rng_ranks"]) == len(b["rng_ranks"]) == 1
+    for key in ("torch", "generator"):
+        assert torch.equal(a["rng_ranks"][0][key], b["rng_ranks"][0][key]), f"RNG {key} differs after resume"
     lines = [json.loads(l) for l in (full / "metrics.jsonl").read_text().splitlines()]
     assert [l["step"] for l in lines] == [3, 6] and all(0 <= l["val_miou"] <= 100 for l in lines)
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

@@ -122,3 +122,36 @@ def refine_labels(
     # One .tolist() for the four numbers: a single CPU-GPU sync per step instead of four.
     kept_f, overridden_f, filled_f, ignored_f = fractions.tolist()
     return refined, {"kept_box": kept_f, "overridden": overridden_f, "filled": filled_f, "ignored": ignored_f}
+
+
+def label_diagnostics(y_box: Tensor, y: Tensor, ground_truth: Tensor, class_names: tuple[str, ...] | None = None,
+                      ignore_index: int = IGNORE_INDEX) -> dict[str, float]:
+    """How right the pseudo-labels are, against ground truth the method never trains on (diagnostics only).
+
+    Pixel accuracy of the box's kept labels, of the teacher's fills and overrides, and of the final label y,
+    plus per class the precision of y (the share of pixels labelled c that are c). Pixels whose ground truth is
+    ignore do not count; a rule that touched no pixel reports nothing (no key) rather than a fake 0.
+    """
+    gt = ground_truth.to(y.dtype)
+    scored = gt != ignore_index
+    has_box = y_box != ignore_index
+    rules = {
+        "kept": has_box & (y == y_box),
+        "overridden": has_box & (y != y_box) & (y != ignore_index),
+        "filled": ~has_box & (y != ignore_index),
+        "label": y != ignore_index,
+    }
+    masks = torch.stack([m & scored for m in rules.values()])
+    correct = torch.stack([(m & (y == gt)) for m in masks])
+    counts = torch.stack([masks.flatten(1).sum(1), correct.flatten(1).sum(1)]).tolist()
+    out = {f"acc_{name}": c / n for name, n, c in zip(rules, counts[0], counts[1]) if n > 0}
+    if class_names:
+        labelled = rules["label"] & scored
+        C = len(class_names)
+        yl = y[labelled].long().clamp(max=C)
+        total = torch.bincount(yl, minlength=C + 1)[:C]
+        right = torch.bincount(yl[gt[labelled] == y[labelled]], minlength=C + 1)[:C]
+        for name, n, c in zip(class_names, total.tolist(), right.tolist()):
+            if n > 0:
+                out[f"precision/{name}"] = c / n
+    return out

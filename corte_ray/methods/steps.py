@@ -28,7 +28,7 @@ from ..registry import Registry
 from .losses import pixel_weighted_cross_entropy, quality_weights, reliability_weighted_cross_entropy
 from .mixing import classmix_batch, classmix_mask, mocm_mask
 from .pseudo_labels import confidence_threshold_labels, r2cp_labels, relative_confidence
-from .refine import TeacherThresholds, refine_labels
+from .refine import TeacherThresholds, label_diagnostics, refine_labels
 from .views import strong_view, weak_view
 
 IGNORE = 255
@@ -56,7 +56,9 @@ class Method:
 
     uses_teacher = False
     uses_metric = False
-    needs_ground_truth = False
+    needs_ground_truth = False      # trains on target labels (oracle)
+    needs_box_labels = True         # reads the black box's stored answers (every black-box method)
+    needs_source_weights = False    # starts from the white-box source model (stvm)
 
     def __init__(self, cfg: Config, box_class_means: Tensor | None, device: torch.device,
                  reduce: Reducer = _identity, seed: int = 0) -> None:
@@ -73,6 +75,8 @@ class Method:
         else:
             self.box_thresholds = None
         self.teacher_thresholds = TeacherThresholds(self.num_classes, cfg.ema.threshold_momentum, device=device)
+        # Names of the train ids, for per-class diagnostics; the loop sets the target dataset's.
+        self.class_names: tuple[str, ...] | None = None
 
     # ---- helpers shared by the steps
     def views(self, batch: dict[str, Tensor], keys: tuple[str, ...]) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
@@ -100,7 +104,10 @@ class Method:
 
     def teacher_predict(self, models: Models, image: Tensor, features: bool = False):
         """Teacher soft-max, relative confidence and arg-max on the weak view (no gradient)."""
-        with torch.no_grad():
+        # fp32 even under AMP: rc = p(1) - p(2) is a small difference of probabilities near 1, which bf16
+        # (8 bits of mantissa) rounds to a handful of values, and every threshold compares against it.
+        with torch.no_grad(), torch.autocast(image.device.type, enabled=False):
+            image = image.float()
             if features:
                 logits, feats = models.teacher.forward_features(image)
             else:
@@ -136,6 +143,10 @@ class Method:
         with torch.no_grad():
             rel = pixel_reliability(emb.detach(), proxies.detach(), labels, scale=st.temperature_scale, gamma=st.gamma)
         return loss, rel
+
+    def diagnostics(self, y_box: Tensor, y: Tensor, ground_truth: Tensor) -> dict[str, float]:
+        """Accuracy of the pseudo-labels against ground truth (diagnostics only: never a loss term)."""
+        return {f"label_acc/{k}": v for k, v in label_diagnostics(y_box, y, ground_truth, self.class_names).items()}
 
     def phase(self, iteration: int, total: int) -> tuple[bool, bool]:
         """(warm-up over?, refinement on?) for this iteration."""
@@ -174,6 +185,7 @@ class Oracle(Method):
     """Upper bound: supervised on target ground truth (also trains the source model on source labels)."""
 
     needs_ground_truth = True
+    needs_box_labels = False
 
     def step(self, models, batch, iteration, total):
         weak, strong, m = self.views(batch, ("label",))
@@ -198,7 +210,7 @@ class Corte(Method):
 
     def step(self, models, batch, iteration, total):
         rc_box = batch.get("box_rc")
-        keys = ("box_top1",) + (("box_rc",) if rc_box is not None else ())
+        keys = ("box_top1",) + (("box_rc",) if rc_box is not None else ()) + (("label",) if "label" in batch else ())
         weak, strong, m = self.views(batch, keys)
         y_box = self.box_labels(m["box_top1"], m.get("box_rc"))
         warm_done, refine_on = self.phase(iteration, total)
@@ -228,8 +240,10 @@ class Corte(Method):
                 stats = {"kept_box": _label_fractions(y), "overridden": 0.0, "filled": 0.0,
                          "ignored": 1 - _label_fractions(y)}
             w, metric_loss = self.reliability_weights(models, feats, y, stats)
-            masks = self.mixing_masks(y, w)
-            mixed_img, mixed_y, mixed_w = classmix_batch(strong, y, w, masks)
+            if self.cfg.corte.mix:
+                mixed_img, mixed_y, mixed_w = classmix_batch(strong, y, w, self.mixing_masks(y, w))
+            else:   # the ablation: the strong view alone
+                mixed_img, mixed_y, mixed_w = strong, y, w
             loss_strong = self.weighted_ce(student(mixed_img), mixed_y, mixed_w)
             loss_weak = pixel_weighted_cross_entropy(student(weak), y)
         loss = loss_strong + self.cfg.corte.weak_weight * loss_weak
@@ -240,6 +254,10 @@ class Corte(Method):
             out["loss_metric"] = metric_loss.detach()
         out["loss"] = loss
         out.update({f"labels/{k}": float(v) for k, v in stats.items()})
+        if "label" in m:
+            out.update(self.diagnostics(y_box, y, m["label"]))
+            if self.uses_metric and warm_done:
+                out.update(reliability_diagnostics(w, y, m["label"]))
         return out
 
     def weighted_ce(self, logits, labels, weights):
@@ -255,9 +273,13 @@ class CorteMetric(Corte):
     def reliability_weights(self, models, feats, labels, stats):
         metric_loss, rel = self.metric_terms(models, feats, labels)
         stats["mean_reliability"] = float(rel[labels != IGNORE].mean()) if (labels != IGNORE).any() else 0.0
+        if not self.cfg.stvm.metric_weighting:   # the ablation: the metric head trains, its weights are unused
+            rel = torch.ones_like(rel)
         return rel, metric_loss
 
     def mixing_masks(self, labels, weights):
+        if not self.cfg.stvm.mocm:
+            return classmix_mask(labels, generator=self.generator)
         return mocm_mask(labels, weights, power=self.cfg.stvm.mocm_power, generator=self.generator)
 
     def weighted_ce(self, logits, labels, weights):
@@ -271,30 +293,60 @@ class STvM(Method):
 
     uses_teacher = True
     uses_metric = True
+    needs_box_labels = False        # source-free, not black-box: no label store
+    needs_source_weights = True
 
     def step(self, models, batch, iteration, total):
-        weak, strong, m = self.views(batch, ())
+        weak, strong, m = self.views(batch, ("label",) if "label" in batch else ())
         _, rc_t, y_t, feats = self.teacher_predict(models, weak, features=True)
         self.update_teacher_thresholds(rc_t, y_t, m["valid"])
         y_t = torch.where(m["valid"], y_t, torch.full_like(y_t, IGNORE))
         metric_loss, rel = self.metric_terms(models, feats, y_t)
-        masks = mocm_mask(y_t, rel, power=self.cfg.stvm.mocm_power, generator=self.generator)
+        st = self.cfg.stvm
+        # MOCM picks what to paste by the metric reliability, before the no-weighting ablation flattens it.
+        masks = (mocm_mask(y_t, rel, power=st.mocm_power, generator=self.generator) if st.mocm
+                 else classmix_mask(y_t, generator=self.generator))
+        if not st.metric_weighting:
+            rel = torch.where(y_t != IGNORE, torch.ones_like(rel), rel)
         mixed_img, mixed_y, mixed_r = classmix_batch(strong, y_t, rel, masks)
         loss_seg = reliability_weighted_cross_entropy(models.student(mixed_img), mixed_y, mixed_r)
         loss = loss_seg + self.cfg.stvm.metric_weight * metric_loss
-        return {"loss": loss, "loss_seg": loss_seg.detach(), "loss_metric": metric_loss.detach(),
-                "mean_reliability": float(rel[y_t != IGNORE].mean()) if (y_t != IGNORE).any() else 0.0}
+        out = {"loss": loss, "loss_seg": loss_seg.detach(), "loss_metric": metric_loss.detach(),
+               "mean_reliability": float(rel[y_t != IGNORE].mean()) if (y_t != IGNORE).any() else 0.0}
+        if "label" in m:
+            out.update(self.diagnostics(y_t, y_t, m["label"]))
+            out.update(reliability_diagnostics(rel, y_t, m["label"]))
+        return out
+
+
+def reliability_diagnostics(rel: Tensor, labels: Tensor, ground_truth: Tensor) -> dict[str, float]:
+    """Mean reliability of the pseudo-labels that are right and of those that are wrong: a useful reliability
+    separates them (diagnostics only)."""
+    scored = (labels != IGNORE) & (ground_truth != IGNORE)
+    right = scored & (labels == ground_truth)
+    wrong = scored & (labels != ground_truth)
+    out = {}
+    if right.any():
+        out["label_acc/reliability_right"] = float(rel[right].mean())
+    if wrong.any():
+        out["label_acc/reliability_wrong"] = float(rel[wrong].mean())
+    return out
 
 
 @METHODS.register("threshold_st")
 class ThresholdST(Method):
-    """Classic self-training baseline: EMA teacher, one global confidence threshold p(1) >= t for the box's
-    labels and the teacher's, ClassMix; the relative, per-class thresholds of CoRTe are what it lacks."""
+    """Classic self-training baseline (METHODS 3): one global confidence threshold t = `threshold_st.threshold`
+    on p(1), where CoRTe has relative, per-class thresholds.
+
+    Label: y_B = the box's top-1 where its p(1) >= t, else ignore. During the warm-up (`corte.warmup`, the same
+    schedule as CoRTe) the student trains on y_B alone, strong and weak view, no mixing. After it, the EMA
+    teacher labels the weak view the same way (its p(1) >= t) and y = the teacher's label where it has one,
+    else y_B; the loss is CE(strong view ClassMixed with y, DACS quality weights) + CE(weak view, y)."""
 
     uses_teacher = True
 
     def step(self, models, batch, iteration, total):
-        weak, strong, m = self.views(batch, ("box_top1", "box_p1"))
+        weak, strong, m = self.views(batch, ("box_top1", "box_p1") + (("label",) if "label" in batch else ()))
         t = self.cfg.threshold_st.threshold
         y_box = confidence_threshold_labels(m["box_p1"], m["box_top1"], t)
         warm_done, _ = self.phase(iteration, total)
@@ -310,8 +362,11 @@ class ThresholdST(Method):
         loss_strong = pixel_weighted_cross_entropy(models.student(img), y_mix, w_mix)
         loss_weak = pixel_weighted_cross_entropy(models.student(weak), y)
         loss = loss_strong + loss_weak
-        return {"loss": loss, "loss_strong": loss_strong.detach(), "loss_weak": loss_weak.detach(),
-                "label_coverage": _label_fractions(y)}
+        out = {"loss": loss, "loss_strong": loss_strong.detach(), "loss_weak": loss_weak.detach(),
+               "label_coverage": _label_fractions(y)}
+        if "label" in m:
+            out.update(self.diagnostics(y_box, y, m["label"]))
+        return out
 
 
 def build_method(cfg: Config, box_class_means: Tensor | None, device: torch.device,

@@ -41,10 +41,27 @@ class EMATeacher(nn.Module):
     def feature_dim(self) -> int:
         return self.module.feature_dim
 
+    def momentum_at(self, step: int | None) -> float:
+        """The mean-teacher ramp m_t = min(m, 1 - 1/(t + 1)) (Mean Teacher, DACS, MIC) at optimiser step t
+        (0-based); `None` = the constant m.
+
+        With the ramp the teacher is the running average of the student's own recent weights from the first
+        step, so it is a trained student (not the random initial weights) whenever it first labels anything."""
+        if step is None:
+            return self.momentum
+        return min(self.momentum, 1.0 - 1.0 / (step + 1))
+
     @torch.no_grad()
-    def update(self, student: nn.Module, momentum: float | None = None) -> None:
-        """theta_T <- m * theta_T + (1 - m) * theta_S for float parameters and buffers; other buffers copied."""
-        m = self.momentum if momentum is None else momentum
+    def reset(self, student: nn.Module) -> None:
+        """Copy the student's weights and buffers into the teacher (momentum 0 for one update)."""
+        self.update(student, momentum=0.0)
+
+    @torch.no_grad()
+    def update(self, student: nn.Module, momentum: float | None = None, step: int | None = None) -> None:
+        """theta_T <- m * theta_T + (1 - m) * theta_S for float parameters and buffers; other buffers copied.
+
+        m = `momentum` if given, else the ramp at `step` (see `momentum_at`), else the constant momentum."""
+        m = momentum if momentum is not None else self.momentum_at(step)
         student = unwrap_model(student)
         student_tensors = dict(student.named_parameters())
         student_tensors.update(student.named_buffers())

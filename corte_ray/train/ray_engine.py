@@ -183,11 +183,13 @@ def fit_ray(cfg: Config, run_dir: str | Path, store_path: str | None, fault: dic
         ray.init(**({} if os.environ.get("RAY_ADDRESS") else {"num_cpus": os.cpu_count()}))
     check_cluster(cfg)
 
-    needs_gt = METHODS.get(cfg.method).needs_ground_truth
+    method_cls = METHODS.get(cfg.method)
     train_set = open_dataset(cfg.data.dataset, Path(cfg.data.root), split=cfg.data.train_split, city=cfg.data.city,
                              labels_dir=cfg.data.labels_dir, label_space=cfg.data.label_space)
-    data = TargetTrainSet(train_set, None if needs_gt else LabelStore(store_path), cfg.data.resize,
-                          with_labels=needs_gt)
+    # The same columns as the worker's own TargetTrainSet (loop.train): labels also for the diagnostics.
+    diagnose = cfg.train.label_diagnostics and all(s.label is not None for s in train_set.samples)
+    data = TargetTrainSet(train_set, LabelStore(store_path) if method_cls.needs_box_labels else None,
+                          cfg.data.resize, with_labels=method_cls.needs_ground_truth or diagnose)
     start = _latest_step(run_dir)
     world, b = cfg.scaling.num_workers, cfg.data.batch_size
     remaining = max(0, cfg.train.iterations - start) * b * world
