@@ -96,6 +96,8 @@ class CorteConfig:
     warmup: float = 0.10                           # fraction of the schedule on y_B only, no mixing
     weak_weight: float = 1.0                       # lambda_w of the weak-view CE
     mix: bool = True                               # ClassMix the strong view (false: the ablation without mixing)
+    fill: Literal["confident", "agree"] = "confident"  # teacher fills of R2CP-ignored pixels: where it is
+                                                   # confident, or where it is confident and agrees with the box's top-1
 
     def validate(self, p: str = "corte") -> None:
         _in_range(self.rc_scale, f"{p}.rc_scale", 0.0, 5.0)
@@ -104,6 +106,7 @@ class CorteConfig:
         _in_range(self.refine_start, f"{p}.refine_start", 0.0, 1.0)
         _in_range(self.warmup, f"{p}.warmup", 0.0, 1.0)
         _in_range(self.weak_weight, f"{p}.weak_weight", 0.0, 100.0)
+        _check(self.fill in ("confident", "agree"), f"{p}.fill", f"must be confident or agree, got {self.fill!r}")
 
 
 @dataclass

@@ -80,6 +80,7 @@ def refine_labels(
     beta: float = 1.0,
     beta_hard: float = 1.5,
     ignore_index: int = IGNORE_INDEX,
+    box_top1: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
     """The refined pseudo-label of METHODS.md 1.2, per pixel, and the fraction of pixels per rule.
 
@@ -93,6 +94,8 @@ def refine_labels(
       * y_box ignored: y_T fills where confident (scale beta), else the pixel stays ignored.
         This also applies to ignored pixels of a hard-label box, and to padding: the caller
         re-masks pixels that are not image (see views.weak_view) after refining.
+    With `box_top1` (the box's arg-max before R2CP masked it), a fill also needs the teacher to agree with
+    it: the box's unsure guess confirmed by a confident teacher (`corte.fill=agree`).
     Fractions {"kept_box", "overridden", "filled", "ignored"} are over all pixels and sum to 1.
     """
     if not (y_box.shape == y_teacher.shape == rc_teacher.shape):
@@ -113,6 +116,8 @@ def refine_labels(
     else:
         overridden = has_box & disagrees & (rc_t >= beta * tau) & (rc_t > rc_box.detach().to(torch.float64))
     filled = ~has_box & (rc_t >= beta * tau)
+    if box_top1 is not None:
+        filled &= y_teacher == box_top1.to(y_teacher.dtype)
     refined = torch.where(overridden | filled, y_teacher, y_box)
 
     kept = has_box & ~overridden

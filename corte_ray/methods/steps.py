@@ -234,7 +234,8 @@ class Corte(Method):
                 rc_t_valid = torch.where(m["valid"], rc_t, torch.full_like(rc_t, -1.0))
                 y, stats = refine_labels(y_box, m.get("box_rc"), pred_t, rc_t_valid, self.teacher_thresholds.value,
                                          beta=self.cfg.corte.teacher_scale,
-                                         beta_hard=self.cfg.corte.hard_override_scale)
+                                         beta_hard=self.cfg.corte.hard_override_scale,
+                                         box_top1=m["box_top1"] if self.cfg.corte.fill == "agree" else None)
             else:
                 y = y_box
                 stats = {"kept_box": _label_fractions(y), "overridden": 0.0, "filled": 0.0,

@@ -1,0 +1,60 @@
+"""Rows side by side (corte_ray/compare.py): two tiny runs in a local process pool, their results, the progress
+line, and a rerun that finds them finished and trains nothing."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from corte_ray.compare import Row, RowPool
+
+
+def _rows(tiny_bench, work):
+    common = ["data.dataset=synth", f"data.root={tiny_bench}", "data.batch_size=4", "data.crop_size=[48,64]",
+              "model.student=mobilenetv3_small_lraspp", "train.device=cpu", "train.iterations=4", "train.lr_warmup=1",
+              "train.eval_every=2", "train.checkpoint_every=2", "scaling.engine=local", "train.progress_every_s=0.01"]
+    return [Row(f"oracle{i}", str(work / f"oracle{i}"), config=None,
+                overrides=common + ["method=oracle", f"train.seed={i}"]) for i in range(2)]
+
+
+def test_rows_run_side_by_side_and_a_rerun_skips_them(tiny_bench, tmp_path):
+    lines: list[str] = []
+    pool = RowPool(2, engine="local", progress_every_s=0.0, printer=lines.append)
+    try:
+        for row in _rows(tiny_bench, tmp_path):
+            pool.submit(row)
+        results = pool.wait()
+    finally:
+        pool.close()
+    assert set(results) == {"oracle0", "oracle1"}
+    for name, r in results.items():
+        assert r["step"] == 4 and 0 <= r["miou"] <= 100
+        assert [s for s, _ in r["curve"]] == [2, 4]
+        assert r["checkpoint"].endswith("step_0000004/checkpoint.pt")
+        assert json.loads((tmp_path / name / "done.json").read_text())["miou"] == r["miou"]
+    assert results["oracle0"]["miou"] != results["oracle1"]["miou"]       # two seeds, two runs
+    assert any(line.startswith("  done oracle") for line in lines)
+
+    # A rerun: done.json is the result, nothing trains (no new metrics lines).
+    before = {n: (tmp_path / n / "metrics.jsonl").read_text() for n in results}
+    pool = RowPool(2, engine="local", printer=lines.append)
+    try:
+        for row in _rows(tiny_bench, tmp_path):
+            pool.submit(row)
+        again = pool.wait()
+    finally:
+        pool.close()
+    assert {n: r["miou"] for n, r in again.items()} == {n: r["miou"] for n, r in results.items()}
+    assert {n: (tmp_path / n / "metrics.jsonl").read_text() for n in results} == before
+
+
+def test_a_failing_row_raises_with_its_error(tiny_bench, tmp_path):
+    pool = RowPool(1, engine="local", printer=lambda s: None)
+    try:
+        pool.submit(Row("bad", str(tmp_path / "bad"), config=None, overrides=["method=corte", "data.dataset=synth",
+                                                                               f"data.root={tmp_path / 'nowhere'}"]))
+        with pytest.raises(Exception, match="nowhere|label"):
+            pool.wait()
+    finally:
+        pool.close()
