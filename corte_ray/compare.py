@@ -168,6 +168,9 @@ class RowPool:
             except (OSError, ValueError):   # not started yet (or no line written yet)
                 queued += 1
                 continue
+            if state.get("done"):            # finished earlier (a rerun): waits for a lane to report its result
+                queued += 1
+                continue
             state["name"] = name
             parts.append(format_progress(state))
         if queued:

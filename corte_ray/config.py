@@ -138,6 +138,8 @@ class STvMConfig:
     embed_dim: int = 128
     metric_weighting: bool = True                  # weight each pixel's CE by its reliability (false: uniform, the ablation)
     mocm: bool = True                              # classes to paste chosen by reliability (false: plain ClassMix)
+    reliability_norm: Literal["pixel", "class"] = "class"  # CE weights: reliability divided by its class mean
+                                                   # in the batch (measured better), or per pixel as in the paper
 
     def validate(self, p: str = "stvm") -> None:
         _check(self.metric_pixels >= 16, f"{p}.metric_pixels", "must be >= 16")
@@ -146,6 +148,8 @@ class STvMConfig:
         _in_range(self.gamma, f"{p}.gamma", 0.0, 20.0, lo_open=True)
         _in_range(self.mocm_power, f"{p}.mocm_power", 0.0, 20.0)
         _in_range(self.metric_weight, f"{p}.metric_weight", 0.0, 100.0)
+        _check(self.reliability_norm in ("pixel", "class"), f"{p}.reliability_norm",
+               f"must be pixel or class, got {self.reliability_norm!r}")
 
 
 @dataclass

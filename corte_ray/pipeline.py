@@ -102,21 +102,29 @@ def adapt(cfg: Config | None, run_dir: str | Path, resume: bool = False):
     return train(cfg, ctx, store)
 
 
-def load_checkpoint_model(path: str | Path, use_teacher: bool = False):
-    """(model in eval mode, resolved Config) from a training checkpoint, loaded with weights_only=True."""
-    from .config import from_dict
-    from .models import build_model
-
+def _read_checkpoint(path: str | Path) -> tuple[dict, Path]:
+    """A checkpoint file (or its directory) loaded with weights_only=True; InputError naming it otherwise."""
     path = Path(path)
     if path.is_dir():
         path = path / "checkpoint.pt"
-    if not path.exists():
+    if not path.is_file():
         raise InputError(path, "checkpoint not found")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - torch raises many types for a bad file
         raise InputError(path, f"not a readable checkpoint ({type(exc).__name__}: {exc})") from None
-    if not isinstance(state, dict) or "config" not in state or "student" not in state:
+    if not isinstance(state, dict):
+        raise InputError(path, "not a corte-ray checkpoint (not a dict)")
+    return state, path
+
+
+def load_checkpoint_model(path: str | Path, use_teacher: bool = False):
+    """(model in eval mode, resolved Config) from a training checkpoint, loaded with weights_only=True."""
+    from .config import from_dict
+    from .models import build_model
+
+    state, path = _read_checkpoint(path)
+    if "config" not in state or "student" not in state:
         raise InputError(path, "not a corte-ray checkpoint (no config/student inside)")
     cfg = from_dict(state["config"])
     model = build_model(cfg.model.student, cfg.model.num_classes)
@@ -130,16 +138,8 @@ def load_checkpoint_model(path: str | Path, use_teacher: bool = False):
 
 def checkpoint_arch(path: str | Path) -> str:
     """The architecture name stored in a corte-ray training checkpoint (for `--source-checkpoint`)."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "checkpoint.pt"
-    if not path.is_file():
-        raise InputError(path, "source checkpoint not found")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - torch raises many types for a bad file
-        raise InputError(path, f"not a readable checkpoint ({type(exc).__name__})") from None
-    arch = state.get("arch") if isinstance(state, dict) else None
+    state, path = _read_checkpoint(path)
+    arch = state.get("arch")
     if not arch:
         raise InputError(path, "names no architecture (not a corte-ray training checkpoint); pass --student ARCH "
                                "and model.weights=FILE instead")

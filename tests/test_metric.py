@@ -158,3 +158,17 @@ def test_metric_head_output_is_unit_norm_and_proxies_too() -> None:
     assert proxies.shape == (19, 128)
     assert torch.allclose(proxies.norm(dim=1), torch.ones(19), atol=1e-5)
     assert MetricHead(in_dim=8, hidden_dim=32, embed_dim=4)(torch.randn(2, 8, 3, 3)).shape == (2, 4, 3, 3)
+
+
+def test_class_normalised_reliability_keeps_class_weight_and_ranks_within_a_class():
+    from corte_ray.models.metric import class_normalised_reliability
+
+    rel = torch.tensor([[[0.1, 0.3, 0.8, 0.9], [0.2, 0.6, 0.5, 0.4]]])
+    labels = torch.tensor([[[0, 0, 1, 1], [0, 0, 255, 2]]])
+    out = class_normalised_reliability(rel, labels, num_classes=3)
+    for c in range(3):
+        m = labels == c
+        assert out[m].sum().item() == pytest.approx(m.sum().item())        # each class weighs its pixel count
+    assert out[labels == 255].item() == 0.0
+    zero = labels == 0
+    assert torch.equal(out[zero].argsort(), rel[zero].argsort())            # the order within a class is kept

@@ -144,6 +144,14 @@ class Method:
             rel = pixel_reliability(emb.detach(), proxies.detach(), labels, scale=st.temperature_scale, gamma=st.gamma)
         return loss, rel
 
+    def loss_weights(self, rel: Tensor, labels: Tensor) -> Tensor:
+        """The reliability as CE weights: per pixel (the spec) or normalised per class (`stvm.reliability_norm`)."""
+        if self.cfg.stvm.reliability_norm == "class":
+            from ..models.metric import class_normalised_reliability
+
+            return class_normalised_reliability(rel, labels, self.num_classes)
+        return rel
+
     def diagnostics(self, y_box: Tensor, y: Tensor, ground_truth: Tensor) -> dict[str, float]:
         """Accuracy of the pseudo-labels against ground truth (diagnostics only: never a loss term)."""
         return {f"label_acc/{k}": v for k, v in label_diagnostics(y_box, y, ground_truth, self.class_names).items()}
@@ -307,9 +315,10 @@ class STvM(Method):
         # MOCM picks what to paste by the metric reliability, before the no-weighting ablation flattens it.
         masks = (mocm_mask(y_t, rel, power=st.mocm_power, generator=self.generator) if st.mocm
                  else classmix_mask(y_t, generator=self.generator))
+        weights = self.loss_weights(rel, y_t)
         if not st.metric_weighting:
-            rel = torch.where(y_t != IGNORE, torch.ones_like(rel), rel)
-        mixed_img, mixed_y, mixed_r = classmix_batch(strong, y_t, rel, masks)
+            weights = torch.where(y_t != IGNORE, torch.ones_like(rel), rel)
+        mixed_img, mixed_y, mixed_r = classmix_batch(strong, y_t, weights, masks)
         loss_seg = reliability_weighted_cross_entropy(models.student(mixed_img), mixed_y, mixed_r)
         loss = loss_seg + self.cfg.stvm.metric_weight * metric_loss
         out = {"loss": loss, "loss_seg": loss_seg.detach(), "loss_metric": metric_loss.detach(),

@@ -132,3 +132,22 @@ def pixel_reliability(
     if gamma != 1.0:
         reliability = reliability**gamma
     return torch.where(valid, reliability, torch.zeros_like(reliability))
+
+
+def class_normalised_reliability(reliability: Tensor, labels: Tensor, num_classes: int) -> Tensor:
+    """Reliability divided by its mean over the pixels of the same pseudo-label class in the batch.
+
+    Plain reliability weights move loss *between* classes: the teacher is surest of the easy, large classes,
+    so hard ones (terrain, car on the demo benchmark) lose weight and decay further. Normalised per class,
+    every class keeps the weight of its pixel count (as with uniform weights) and the reliability only ranks
+    pixels *within* a class. Ignored pixels (outside [0, C)) stay 0.
+    """
+    valid = (labels >= 0) & (labels < num_classes)
+    index = torch.where(valid, labels, torch.full_like(labels, num_classes)).long().reshape(-1)
+    sums = torch.zeros(num_classes + 1, dtype=reliability.dtype, device=reliability.device)
+    counts = torch.zeros_like(sums)
+    sums.index_add_(0, index, reliability.reshape(-1))
+    counts.index_add_(0, index, torch.ones_like(reliability).reshape(-1))
+    mean = (sums / counts.clamp(min=1.0)).clamp(min=1e-6)
+    out = reliability / mean[index].view_as(reliability)
+    return torch.where(valid, out, torch.zeros_like(out))
