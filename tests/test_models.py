@@ -38,8 +38,9 @@ def one_torch_thread():
 
 
 def test_registries_hold_the_expected_models() -> None:
-    assert set(STUDENTS.names()) == {"mobilenetv3_lraspp", "mobilenetv3_small_lraspp", "efficientnet_b0_mlp"}
-    assert set(SOURCE_MODELS.names()) == {"deeplabv3_resnet50", "deeplabv3_resnet18"}
+    assert set(STUDENTS.names()) == {"mobilenetv3_lraspp", "mobilenetv3_lraspp_s4", "mobilenetv3_small_lraspp",
+                                   "efficientnet_b0_mlp"}
+    assert set(SOURCE_MODELS.names()) == {"deeplabv3_resnet50", "deeplabv3_resnet18", "deeplabv3plus_resnet18"}
 
 
 @pytest.mark.parametrize("kind,name", ALL_MODELS)

@@ -11,7 +11,7 @@ the *appearance* shifts:
 
 * source "synthetic": one flat, saturated colour per class (small per-instance variation), hard edges,
   uniform light, no noise, no blur;
-* target "real": colours moved 85 % of the way (DomainStyle.palette_mix) from the source palette to muted
+* target "real": colours moved 70 % of the way (DomainStyle.palette_mix) from the source palette to muted
   'real' ones, with larger per-instance variation, textures (asphalt grain, paving,
   bricks, leaves, clouds), light gradients, cast shadows on the ground, colour casts, blur, sensor noise and
   JPEG artefacts, and other object statistics (lower horizon, lower buildings, more and smaller cars and
@@ -179,7 +179,7 @@ _TARGET_STYLE = DomainStyle(
     horizon=(0.44, 0.54), bottom_depth=(2.3, 2.9), building_height=(3.0, 8.0), building_prob=0.65,
     n_cars=(2, 6), car_scale=(0.8, 1.0), n_people=(2, 7), person_scale=(0.85, 1.0), n_trees=(2, 5),
     n_poles=(1, 3), terrain_strip_prob=0.65,
-    palette_mix=0.85, real_look=True, texture_gain=0.6, noise_std=(2.0, 5.0), blur_sigma=(0.4, 0.8),
+    palette_mix=0.7, real_look=True, texture_gain=0.6, noise_std=(2.0, 5.0), blur_sigma=(0.4, 0.8),
 )
 
 # The cross-city scenario (as in the Cityscapes -> NTHU "cross-city" setting): two 'real'-looking cities
