@@ -18,15 +18,19 @@ def _rows(tiny_bench, work):
                 overrides=common + ["method=oracle", f"train.seed={i}"]) for i in range(2)]
 
 
-def test_rows_run_side_by_side_and_a_rerun_skips_them(tiny_bench, tmp_path):
-    lines: list[str] = []
+def _run(rows: list[Row], lines: list[str]) -> dict:
     pool = RowPool(2, engine="local", progress_every_s=0.0, printer=lines.append)
     try:
-        for row in _rows(tiny_bench, tmp_path):
+        for row in rows:
             pool.submit(row)
-        results = pool.wait()
+        return pool.wait()
     finally:
         pool.close()
+
+
+def test_rows_run_side_by_side_and_a_rerun_skips_them(tiny_bench, tmp_path):
+    lines: list[str] = []
+    results = _run(_rows(tiny_bench, tmp_path), lines)
     assert set(results) == {"oracle0", "oracle1"}
     for name, r in results.items():
         assert r["step"] == 4 and 0 <= r["miou"] <= 100
@@ -38,13 +42,7 @@ def test_rows_run_side_by_side_and_a_rerun_skips_them(tiny_bench, tmp_path):
 
     # A rerun: done.json is the result, nothing trains (no new metrics lines).
     before = {n: (tmp_path / n / "metrics.jsonl").read_text() for n in results}
-    pool = RowPool(2, engine="local", printer=lines.append)
-    try:
-        for row in _rows(tiny_bench, tmp_path):
-            pool.submit(row)
-        again = pool.wait()
-    finally:
-        pool.close()
+    again = _run(_rows(tiny_bench, tmp_path), lines)
     assert {n: r["miou"] for n, r in again.items()} == {n: r["miou"] for n, r in results.items()}
     assert {n: (tmp_path / n / "metrics.jsonl").read_text() for n in results} == before
 
