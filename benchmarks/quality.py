@@ -63,7 +63,8 @@ def main() -> None:
     from corte_ray.compare import Row, RowPool
     from corte_ray.config import load_config
     from corte_ray.data.synth import render_benchmark
-    from corte_ray.demo import SETTINGS, SOURCE_ARCH, evaluate_box, method_overrides
+    from corte_ray.demo import (SETTINGS, SOURCE_ARCH, adapt_overrides, common_overrides, evaluate_box,
+                                method_overrides, source_overrides)
     from corte_ray.io_utils import write_json_atomic, write_text_atomic
     from corte_ray.log import setup_logging
     from corte_ray.pipeline import label
@@ -92,14 +93,10 @@ def main() -> None:
     source_miou: dict[int, float] = {}
 
     def common(seed: int, bench: Path) -> list[str]:
-        return [f"train.seed={seed}", f"train.device={args.device}", "train.cpu_threads=1",
-                f"data.batch_size={s['batch']}", f"data.crop_size={list(crop)}", "data.dataset=synth",
-                f"data.root={bench}", "data.cache_images=true", "train.progress_every_s=30", "scaling.engine=local"]
+        return common_overrides(bench, seed, args.device, s["batch"], crop) + ["train.progress_every_s=30"]
 
     def adapt_common(seed: int, bench: Path) -> list[str]:
-        a = iters["adapt_iters"]
-        return common(seed, bench) + [f"train.iterations={a}", f"train.eval_every={max(25, a // 4)}",
-                                      f"train.checkpoint_every={max(50, a // 4)}"]
+        return adapt_overrides(common(seed, bench), iters["adapt_iters"])
 
     def write() -> None:
         rows = {}
@@ -135,10 +132,8 @@ def main() -> None:
                                  n_source_val=s["n_source_val"], size=size, scenario=args.scenario)
             benches[seed] = bench
             pool.submit(Row(f"source/{seed}", str(work / f"seed{seed}" / "source"),
-                            export_to=str(work / f"seed{seed}" / "blackbox.pt"), overrides=common(seed, bench) + [
-                                "method=oracle", f"model.student={SOURCE_ARCH}", "train.lr=5e-3", "data.train_split=source",
-                                "data.val_split=", f"train.iterations={iters['source_iters']}", "train.eval_every=0",
-                                f"train.checkpoint_every={max(50, iters['source_iters'] // 4)}"]))
+                            export_to=str(work / f"seed{seed}" / "blackbox.pt"),
+                            overrides=source_overrides(common(seed, bench), iters["source_iters"])))
         for seed in seeds:
             if "oracle" in names:
                 pool.submit(Row(f"oracle/{seed}", str(work / f"seed{seed}" / "runs" / "oracle"),

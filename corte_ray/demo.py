@@ -60,6 +60,27 @@ def _cpu_images_per_s(model: torch.nn.Module, size: tuple[int, int], batch: int 
     return batch * iters / dt
 
 
+def common_overrides(bench: Path, seed: int, device: str, batch: int, crop: tuple[int, int],
+                     threads: int = 1) -> list[str]:
+    """The settings every run of a comparison shares (the demo's and benchmarks/quality.py's)."""
+    return [f"train.seed={seed}", f"train.device={device}", f"train.cpu_threads={threads}",
+            f"data.batch_size={batch}", f"data.crop_size={list(crop)}", "data.dataset=synth",
+            f"data.root={bench}", "data.cache_images=true", "scaling.engine=local"]
+
+
+def adapt_overrides(common: list[str], iterations: int) -> list[str]:
+    """A student's schedule: `iterations` steps, four evaluations and four checkpoints."""
+    return common + [f"train.iterations={iterations}", f"train.eval_every={max(25, iterations // 4)}",
+                     f"train.checkpoint_every={max(50, iterations // 4)}"]
+
+
+def source_overrides(common: list[str], iterations: int) -> list[str]:
+    """The source model: supervised on the labelled source split, its own architecture and learning rate."""
+    return common + ["method=oracle", f"model.student={SOURCE_ARCH}", "train.lr=5e-3", "data.train_split=source",
+                     "data.val_split=", f"train.iterations={iterations}", "train.eval_every=0",
+                     f"train.checkpoint_every={max(50, iterations // 4)}"]
+
+
 def method_overrides(method: str, source_ckpt: str | None) -> list[str]:
     """What a demo row of `method` sets beyond the shared settings."""
     if method == "stvm":
@@ -103,11 +124,8 @@ def run_demo(out: str | Path, quick: bool = False, seed: int = 0, device: str = 
         print(stats.format_table(), file=sys.stderr)
     timings["synth"] = time.perf_counter() - t0
 
-    common = [f"train.seed={seed}", f"train.device={device}", f"train.cpu_threads={threads or 1}",
-              f"data.batch_size={s['batch']}", f"data.crop_size={list(crop)}", "data.dataset=synth",
-              f"data.root={bench}", "data.cache_images=true", "scaling.engine=local"]
-    adapt_common = common + [f"train.iterations={s['adapt_iters']}", f"train.eval_every={max(25, s['adapt_iters'] // 4)}",
-                             f"train.checkpoint_every={max(50, s['adapt_iters'] // 4)}"]
+    common = common_overrides(bench, seed, device, s["batch"], crop, threads or 1)
+    adapt_common = adapt_overrides(common, s["adapt_iters"])
     pool = RowPool(lanes, engine=engine)
     try:
         # 2. The source model (trained on labelled source images, exported, then only used as a black box), and
@@ -117,10 +135,8 @@ def run_demo(out: str | Path, quick: bool = False, seed: int = 0, device: str = 
         _stage(f"2/5 train the source model ({SOURCE_ARCH}) -> {box_file}"
                + (", and the oracle beside it" if "oracle" in s["methods"] else ""))
         t0 = time.perf_counter()
-        pool.submit(Row("source", str(src_run), export_to=str(box_file), overrides=common + [
-            "method=oracle", f"model.student={SOURCE_ARCH}", "train.lr=5e-3", "data.train_split=source", "data.val_split=",
-            f"train.iterations={s['source_iters']}", "train.eval_every=0",
-            f"train.checkpoint_every={max(50, s['source_iters'] // 4)}"]))
+        pool.submit(Row("source", str(src_run), export_to=str(box_file),
+                        overrides=source_overrides(common, s["source_iters"])))
         if "oracle" in s["methods"]:
             pool.submit(Row("oracle", str(out / "runs" / "oracle"), overrides=adapt_common + method_overrides("oracle", None)))
         source = pool.wait(["source"])["source"]
