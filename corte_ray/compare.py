@@ -62,6 +62,16 @@ def run_row(row: dict) -> dict:
     return result
 
 
+def run_task(fn: Callable, kwargs: dict) -> dict:
+    """Any other independent piece of work of a comparison (the box's evaluation), on one thread like a row."""
+    import torch
+
+    torch.set_num_threads(1)
+    t0 = time.perf_counter()
+    result = fn(**kwargs)
+    return {**result, "seconds": round(time.perf_counter() - t0, 1)}
+
+
 def summarise_run(run: Path) -> dict:
     """Final val mIoU (the last evaluation), per-class IoU, the curve and the last checkpoint of a finished run."""
     lines = [json.loads(s) for s in (run / "metrics.jsonl").read_text().splitlines() if s.strip()]
@@ -101,6 +111,7 @@ class RowPool:
             ray.data.DataContext.get_current().enable_progress_bars = False
             lane = {"corte_lane": 1} if ray.cluster_resources().get("corte_lane") else {}
             self._remote = ray.remote(num_cpus=1, resources=lane, max_retries=0)(run_row)
+            self._remote_task = ray.remote(num_cpus=1, resources=lane, max_retries=0)(run_task)
         else:
             # spawn, not fork: torch and OpenMP state do not survive a fork cleanly.
             self._executor = cf.ProcessPoolExecutor(self.lanes, mp_context=multiprocessing.get_context("spawn"))
@@ -111,6 +122,14 @@ class RowPool:
             self.pending[row.name] = self._remote.remote(asdict(row))
         else:
             self.pending[row.name] = self._executor.submit(run_row, asdict(row))
+
+    def submit_task(self, name: str, fn: Callable, **kwargs) -> None:
+        """`fn(**kwargs)` (a module-level function returning a dict) in the next free lane, after the rows
+        submitted before it; its result is returned by `wait` under `name`."""
+        if self.engine == "ray":
+            self.pending[name] = self._remote_task.remote(fn, kwargs)
+        else:
+            self.pending[name] = self._executor.submit(run_task, fn, kwargs)
 
     def wait(self, names: list[str] | None = None) -> dict[str, dict]:
         """Block until the named rows (default: every row submitted) finish; print progress while waiting."""
@@ -162,6 +181,9 @@ class RowPool:
 
         parts, queued = [], 0
         for name in self.pending:
+            if name not in self.rows:        # a task (no progress file): shown as running or queued by count
+                queued += 1
+                continue
             path = Path(self.rows[name].run_dir) / "progress.json"
             try:
                 state = json.loads(path.read_text())

@@ -56,3 +56,26 @@ def test_a_failing_row_raises_with_its_error(tiny_bench, tmp_path):
             pool.wait()
     finally:
         pool.close()
+
+
+def _box_free_work(n: int) -> dict:
+    import torch
+
+    return {"threads": torch.get_num_threads(), "sum": sum(range(n))}
+
+
+def test_a_task_runs_in_a_lane_beside_rows(tiny_bench, tmp_path):
+    """`submit_task`: independent work (the demo's box evaluation) queued behind the rows, on one thread, its
+    result returned by `wait` under its name with the seconds it took."""
+    lines: list[str] = []
+    pool = RowPool(2, engine="local", progress_every_s=0.0, printer=lines.append)
+    try:
+        pool.submit(_rows(tiny_bench, tmp_path)[0])
+        pool.submit_task("box evaluation", _box_free_work, n=10)
+        results = pool.wait()
+    finally:
+        pool.close()
+    assert results["box evaluation"]["sum"] == 45 and results["box evaluation"]["threads"] == 1
+    assert results["box evaluation"]["seconds"] >= 0
+    assert results["oracle0"]["step"] == 4
+    assert "  done box evaluation in 0 s" in lines
