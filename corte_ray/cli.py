@@ -212,11 +212,21 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------------------------- serve-blackbox
 def cmd_serve_blackbox(args: argparse.Namespace) -> int:
-    from .blackbox.server import serve
+    from .blackbox.server import BlackBoxServer, serve
 
-    serve(args.model_file, host=args.host, port=args.port, error_rate=args.error_rate, latency=args.latency,
-          hard_labels_only=args.hard_labels_only, token_env=args.token_env, device=args.device, seed=args.seed,
-          fault_sleep=args.fault_sleep)
+    options = dict(host=args.host, port=args.port, hard_labels_only=args.hard_labels_only, token_env=args.token_env,
+                   device=args.device, max_pixels=args.max_pixels, max_body_bytes=args.max_body_mb << 20,
+                   body_timeout=args.body_timeout, queue_timeout=args.queue_timeout,
+                   max_connections=args.max_connections)
+    if args.error_rate or args.latency:
+        # Simulating a flaky vendor is a test tool, kept out of the reference server itself.
+        from .blackbox.faults import FaultInjectingServer
+
+        server = FaultInjectingServer(args.model_file, error_rate=args.error_rate, latency=args.latency,
+                                      seed=args.seed, fault_sleep=args.fault_sleep, **options)
+    else:
+        server = BlackBoxServer(args.model_file, **options)
+    serve(server)
     return 0
 
 
@@ -389,7 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(GET /v1/info, POST /v1/segment; see corte_ray/blackbox/http.py) for "
                                    "--blackbox http://HOST:PORT. Listens on loopback unless --host says otherwise. "
                                    "--error-rate, --latency and --hard-labels-only simulate a flaky or restricted "
-                                   "vendor. Ctrl-C stops it.")
+                                   "vendor. Ctrl-C or SIGTERM stops it, with a final line of stats.")
     p.add_argument("model_file", type=Path, help="TorchScript (.pt) or ONNX (.onnx) model file")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=0, help="port; 0 picks a free one (the URL is printed)")
@@ -398,9 +408,18 @@ def build_parser() -> argparse.ArgumentParser:
                         "'Authorization: Bearer TOKEN'; unset: no token is asked for")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--hard-labels-only", action="store_true", help="answer hard label maps only, whatever is asked")
+    p.add_argument("--max-pixels", type=int, default=2048 * 2048,
+                   help="largest image answered (width x height); larger ones get 413 before decoding")
+    p.add_argument("--max-body-mb", type=int, default=32, help="largest request body in MiB (413 beyond)")
+    p.add_argument("--body-timeout", type=float, default=30.0,
+                   help="seconds a client has to send its whole request body (408 after)")
+    p.add_argument("--queue-timeout", type=float, default=30.0,
+                   help="seconds a request waits for the model before a 503 with Retry-After")
+    p.add_argument("--max-connections", type=int, default=64, help="open connections at once (503 beyond)")
     p.add_argument("--error-rate", type=float, default=0.0,
-                   help="fraction of /v1/segment requests that fail: 503, 500, a hang or a dropped connection")
-    p.add_argument("--latency", type=float, default=0.0, help="seconds added to every request")
+                   help="testing: fraction of /v1/segment requests that fail: 503, 500, a hang or a dropped "
+                        "connection (serves through corte_ray.blackbox.faults)")
+    p.add_argument("--latency", type=float, default=0.0, help="testing: seconds added to every request")
     p.add_argument("--fault-sleep", type=float, default=5.0,
                    help="seconds an injected hang lasts (keep it above the client's timeout)")
     p.add_argument("--seed", type=int, default=0, help="seed of the fault injection")

@@ -156,10 +156,10 @@ def test_store_holds_the_box_answer_and_equals_the_local_loop(ray_cluster, datas
 
 
 def test_http_box_with_faults_answers_every_image_once(ray_cluster, dataset, model_file, tmp_path):
-    server_mod = pytest.importorskip("corte_ray.blackbox.server")
+    from corte_ray.blackbox.faults import FaultInjectingServer
     # A quarter of the requests fail (503, 500, a connection closed after 0.3 s, a dropped connection);
     # seed 1 puts four faults among the first 16 requests.
-    with server_mod.BlackBoxServer(model_file, device="cpu", error_rate=0.25, seed=1, fault_sleep=0.3) as srv:
+    with FaultInjectingServer(model_file, device="cpu", error_rate=0.25, seed=1, fault_sleep=0.3) as srv:
         doc = label_dataset_ray(dataset, srv.url, tmp_path / "store", batch_size=4)
         stats = srv.stats
     images = images_of(dataset)
