@@ -130,13 +130,17 @@ def cmd_label(args: argparse.Namespace) -> int:
     from .pipeline import label
 
     flags = _flag_overrides(args, {**_DATA_FLAGS, "split": "data.train_split", "blackbox": "blackbox.spec",
-                                   "answer": "blackbox.answer", "device": "train.device"})
+                                   "answer": "blackbox.answer", "device": "train.device",
+                                   "timeout": "blackbox.timeout", "max_retries": "blackbox.max_retries"})
     cfg = _config_from_args(args, None, flags)
     doc = label(cfg, args.out, overwrite=args.overwrite, engine=args.engine, num_actors=args.actors,
-                gpus_per_actor=args.gpus_per_actor, budget=args.budget)
+                gpus_per_actor=args.gpus_per_actor, budget=args.budget, skip_bad=args.skip_bad)
     run = doc.get("run", {})
-    extra = f" ({run['images_per_s']:.1f} images/s, {run.get('store_bytes_per_image') or 0:.0f} bytes/image)" if run else ""
-    print(f"the store {args.out} holds {doc['num_images']} images{extra}")
+    extra = f" ({run['images_per_s']:.1f} images/s, {run.get('store_bytes_per_image') or 0:.0f} bytes/image)" \
+        if run.get("images_per_s") is not None else ""
+    skipped = f"; {run['skipped_bad']} unreadable images skipped" if run.get("skipped_bad") else ""
+    damaged = f"; {run['damaged_parts']} damaged parts moved aside and relabelled" if run.get("damaged_parts") else ""
+    print(f"the store {args.out} holds {doc['num_images']} images{extra}{skipped}{damaged}")
     return 0
 
 
@@ -349,7 +353,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--actors", type=int, default=1, help="ray: black-box actors, each loads the model once")
     p.add_argument("--gpus-per-actor", type=float, default=0.0, help="ray: GPUs per actor (fractions share a GPU)")
     p.add_argument("--budget", type=int, default=None,
-                   help="ray: query at most N images in this run; rerun for the rest")
+                   help="ray engine: query at most N images in this run, rerun for the rest; an http(s) box: send "
+                        "at most N requests, retries included (default: no budget)")
+    p.add_argument("--timeout", type=float, default=None, help="http(s) box: seconds per request (blackbox.timeout)")
+    p.add_argument("--max-retries", type=int, default=None,
+                   help="http(s) box: retries per request (blackbox.max_retries)")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="skip unreadable images and report how many, instead of stopping at the first")
     _add_config_args(p)
     p.set_defaults(func=cmd_label)
 

@@ -49,16 +49,20 @@ def open_label_store(cfg: Config, run_dir: Path):
 
 
 def label(cfg: Config, store_dir: str | Path, overwrite: bool = False, engine: str = "ray", num_actors: int = 1,
-          gpus_per_actor: float = 0.0, budget: int | None = None) -> dict:
+          gpus_per_actor: float = 0.0, budget: int | None = None, skip_bad: bool = False) -> dict:
     """Query the black box once for every target training image; write the label store.
 
-    engine "ray": a Ray Data job with an actor pool of box clients; "local": one process, no Ray."""
+    engine "ray": a Ray Data job with an actor pool of box clients; "local": one process, no Ray.
+    skip_bad: unreadable images are skipped and counted (doc["run"]["skipped_bad"]) instead of stopping."""
     from .blackbox import open_blackbox
     from .blackbox.store import label_dataset_local
     from .data.datasets import open_dataset
 
+    if not cfg.blackbox.spec:
+        raise ConfigError("blackbox.spec: no black box to label with; pass --blackbox file:MODEL or http(s)://...")
     dataset = open_dataset(cfg.data.dataset, Path(cfg.data.root), split=cfg.data.train_split, city=cfg.data.city,
                            labels_dir=cfg.data.labels_dir, label_space=cfg.data.label_space)
+    remote = cfg.blackbox.remote_options()
     if engine == "ray":
         from .blackbox.ray_label import label_dataset_ray
 
@@ -66,15 +70,20 @@ def label(cfg: Config, store_dir: str | Path, overwrite: bool = False, engine: s
                                  answer=cfg.blackbox.answer, topk=cfg.blackbox.topk,
                                  batch_size=cfg.blackbox.batch_size, num_actors=num_actors,
                                  num_gpus_per_actor=gpus_per_actor, overwrite=overwrite, budget=budget,
-                                 device=cfg.train.device)
-    if budget is not None:
-        raise ConfigError("--budget: the query budget is enforced by the ray engine (or blackbox http budget)")
+                                 device=cfg.train.device, threads_per_actor=cfg.train.cpu_threads or None,
+                                 box_options=remote, skip_bad=skip_bad)
+    if cfg.train.cpu_threads:
+        # The box's forward passes run on this process's threads: the same limit as training, for the same
+        # reason (more threads than free cores slows everything down).
+        torch.set_num_threads(cfg.train.cpu_threads)
+    if budget is not None and not cfg.blackbox.spec.lower().startswith(("http://", "https://")):
+        raise ConfigError("--budget: a query budget applies to an http(s) box, or to the ray engine")
     box = open_blackbox(cfg.blackbox.spec, answer=cfg.blackbox.answer, topk=cfg.blackbox.topk,
-                        device=cfg.train.device, batch_size=cfg.blackbox.batch_size)
+                        device=cfg.train.device, batch_size=cfg.blackbox.batch_size, budget=budget, **remote)
     try:
         t0 = time.perf_counter()
         doc = label_dataset_local(dataset, box, store_dir, resize=cfg.data.resize, batch_size=cfg.blackbox.batch_size,
-                                  overwrite=overwrite, k=cfg.blackbox.topk)
+                                  overwrite=overwrite, k=cfg.blackbox.topk, skip_bad=skip_bad)
         log.info("labelled %d images into %s in %.1fs", doc["num_images"], store_dir, time.perf_counter() - t0)
         return doc
     finally:
