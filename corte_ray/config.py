@@ -366,11 +366,20 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = (),
         if not p.exists() and not p.suffix and shipped_config_path(str(path)).exists():
             p = shipped_config_path(str(path))
         try:
-            doc = yaml.safe_load(p.read_text()) or {}
+            doc = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
         except FileNotFoundError:
             raise ConfigError(f"config file {p} does not exist") from None
+        except IsADirectoryError:
+            raise ConfigError(f"config file {p} is a directory; give a YAML file") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"config file {p} is not text (not UTF-8); give a YAML file") from None
+        except OSError as exc:
+            raise ConfigError(f"config file {p} cannot be read ({exc.strerror or type(exc).__name__})") from None
         except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {p} is not valid YAML: {exc}") from None
+            # The parser's first line says where; its full report spans lines and quotes the file.
+            where = str(exc).splitlines()
+            raise ConfigError(f"config file {p} is not valid YAML ({' '.join(w.strip() for w in where[:3])})") \
+                from None
         if not isinstance(doc, dict):
             raise ConfigError(f"config file {p} must hold a mapping at the top level")
         _deep_update(data, doc)

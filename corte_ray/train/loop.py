@@ -336,7 +336,9 @@ def train(cfg: Config, ctx, store=None) -> TrainResult:
     opt = torch.optim.AdamW(student.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay)
     metric_opt = torch.optim.AdamW(metric_params, lr=cfg.stvm.metric_lr) if metric_params else None
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: poly_lr(s, tcfg.iterations, tcfg.lr_warmup))
-    means = torch.from_numpy(store.class_mean_rc()) if store is not None and method_cls.needs_box_labels else None
+    # tau_c over the split being trained on (its rows' own statistics), not over whatever else the store holds.
+    means = (torch.from_numpy(store.class_mean_rc(keys=[s.key for s in train_set.samples]))
+             if store is not None and method_cls.needs_box_labels else None)
     method = build_method(cfg, means, device, reduce=ctx.all_reduce_, seed=tcfg.seed * 1000 + ctx.rank)
     method.class_names = tuple(train_set.label_space.class_names)
     models = Models(student=wrapped, teacher=teacher, metric_head=metric_head, proxies=proxies)
