@@ -31,7 +31,7 @@ def _fsync_dir(directory: Path) -> None:
 
 
 def _cannot_write(path: Path, err: OSError) -> InputError:
-    return InputError(path, f"cannot write here ({err.strerror or type(err).__name__})")
+    return InputError(path, f"cannot write here ({err.strerror or err or type(err).__name__})")
 
 
 def write_atomic(path: str | Path, write: Callable[[Path], None]) -> Path:
