@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -20,6 +21,41 @@ from .log import setup_logging
 log = logging.getLogger("corte_ray")
 
 DATASET_CHOICES = ("cityscapes", "gta5", "synthia", "nthu", "folder", "synth")
+_CONFIG_KEY = re.compile(r"\(([a-z_]+\.[a-z_]+)\)$")
+
+
+def _config_default(key: str) -> str:
+    """The shipped default of a dotted config key, as a user would write it."""
+    from .config import Config
+
+    node = Config().to_dict()
+    for part in key.split("."):
+        node = node[part]
+    if node is None or node == "":
+        return "none"
+    return "x".join(map(str, node)) if isinstance(node, list) else str(node)
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option shows its real default. An option that only overrides a config key (its help ends in
+    "(section.key)") shows the config's default, not the "None" that means "not given on the command line";
+    on/off flags show none (they are off unless given); required options show "(required)"."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "%(default)" in text or "(default" in text or "default:" in text or action.default is argparse.SUPPRESS:
+            return text
+        if isinstance(action, (argparse._StoreTrueAction, argparse._CountAction, argparse._VersionAction)) \
+                or not action.option_strings:
+            return text
+        if action.required:
+            return text + " (required)"
+        match = _CONFIG_KEY.search(text)
+        if action.default is None and match:
+            return text[:match.start()] + f"({match.group(1)}, default: {_config_default(match.group(1))})"
+        if action.default is None:
+            return text + " (default: not set)"
+        return text + " (default: %(default)s)"
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -92,7 +128,8 @@ def _config_from_args(args: argparse.Namespace, base: dict | None = None, extra:
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default=None,
-                   help="YAML config file, or the name of a shipped one (demo, cityscapes); see corte_ray/configs/")
+                   help="YAML config file, or the name of a shipped one (demo, cityscapes); see corte_ray/configs/ "
+                        "(default: none, the built-in defaults)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="config overrides, e.g. corte.rc_scale=0.8 train.iterations=2000 data.crop_size=[512,512]")
 
@@ -250,7 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="corte-ray",
         description="Adapt a black-box segmentation model to a new domain as a small, fast student "
                     "(CoRTe + STvM), on one machine or on a Ray cluster.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"corte-ray {__version__}")
     verbosity = parser.add_mutually_exclusive_group()
@@ -258,7 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     verbosity.add_argument("-q", "--quiet", action="store_true", help="warnings and results only, no progress bars")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    fmt = _HelpFormatter
 
     p = sub.add_parser("synth", formatter_class=fmt, help="render the synthetic two-domain benchmark",
                        description="Render the procedural two-domain street-scene benchmark: DIR/source in GTA5 "
@@ -294,7 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--classes", default=None,
                    help="class set to average over: 19, 16 or 13 (default: the dataset's own, e.g. 16 for "
                         "synthia, 13 for nthu, the rendered classes for synth)")
-    p.add_argument("--json", type=Path, default=None, help="also write the result as JSON to this file")
+    p.add_argument("--json", type=Path, default=None, help="also write the result as JSON to this file (default: none)")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("demo", formatter_class=fmt, help="the whole pipeline on the embedded synthetic benchmark",
@@ -340,12 +377,12 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(Parquet parts + thresholds.json). Rerunning labels only the missing images.")
     p.add_argument("--dataset", choices=DATASET_CHOICES, default=None, help="dataset format (data.dataset)")
     p.add_argument("--root", default=None, help="dataset root (data.root)")
-    p.add_argument("--split", default=None, help="split to label (data.train_split, default train)")
-    p.add_argument("--blackbox", default=None, help="file:PATH of a TorchScript/ONNX model, or an http(s) endpoint")
+    p.add_argument("--split", default=None, help="split to label (data.train_split)")
+    p.add_argument("--blackbox", default=None, help="file:PATH of a TorchScript/ONNX model, or an http(s) endpoint (blackbox.spec)")
     p.add_argument("--answer", choices=("probs", "topk", "hard"), default=None,
-                   help="what to ask the box for (blackbox.answer, default probs)")
+                   help="what to ask the box for (blackbox.answer)")
     p.add_argument("--resize", type=_size, default=None, help="resize images to HxW before querying (data.resize)")
-    p.add_argument("--device", default=None, help="device for a local box: auto, cpu, cuda")
+    p.add_argument("--device", default=None, help="device for a local box: auto, cpu, cuda (train.device)")
     p.add_argument("--out", required=True, type=Path, help="label store directory")
     p.add_argument("--overwrite", action="store_true", help="relabel everything instead of resuming")
     p.add_argument("--engine", choices=("ray", "local"), default="ray",
@@ -415,7 +452,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=0, help="port; 0 picks a free one (the URL is printed)")
     p.add_argument("--token-env", default=None,
                    help="name of an environment variable holding a token that clients must send as "
-                        "'Authorization: Bearer TOKEN'; unset: no token is asked for")
+                        "'Authorization: Bearer TOKEN' (default: unset, no token is asked for)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--hard-labels-only", action="store_true", help="answer hard label maps only, whatever is asked")
     p.add_argument("--max-pixels", type=int, default=2048 * 2048,
