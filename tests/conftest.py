@@ -12,6 +12,18 @@ os.environ.setdefault("CORTE_NO_PROGRESS", "1")
 torch.set_num_threads(1)
 
 
+def require_reference(module: str):
+    """Import an independent reference library of the dev extra, or fail loudly: a comparison against a
+    reference that silently skips when the reference is missing checks nothing."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        pytest.fail(f"{module} is missing ({exc}); the independent-reference tests need the dev extra: "
+                    "pip install -e '.[dev]'", pytrace=False)
+
+
 @pytest.fixture(scope="session")
 def tiny_bench(tmp_path_factory):
     """A tiny synthetic benchmark (rendered once per session)."""

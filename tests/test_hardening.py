@@ -280,3 +280,10 @@ def test_thresholds_are_over_the_split_trained_on(tmp_path, model_file):
     np.testing.assert_allclose(np.nan_to_num(part, nan=-1), np.nan_to_num(expected, nan=-1))
     assert not np.allclose(np.nan_to_num(part, nan=-1), np.nan_to_num(whole, nan=-1))
     assert len(one) == 6
+
+
+def test_a_missing_reference_library_fails_loudly():
+    from tests.conftest import require_reference
+
+    with pytest.raises(pytest.fail.Exception, match="need the dev extra"):
+        require_reference("no_such_reference_library")

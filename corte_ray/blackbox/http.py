@@ -91,6 +91,7 @@ import torch
 from PIL import Image
 from requests.adapters import HTTPAdapter
 
+from ..data.labels import IGNORE
 from ..errors import ConfigError, CorteError
 from .protocol import ANSWER_KINDS, BACKENDS, BlackBox, BoxAnswer, check_images
 
@@ -263,7 +264,7 @@ def decode_answer(body: bytes, num_classes: int, size: tuple[int, int]) -> Image
     def check_ids(ids: np.ndarray, name: str, allow_ignore: bool) -> None:
         bad = ids >= num_classes
         if allow_ignore:
-            bad &= ids != 255
+            bad &= ids != IGNORE
         if bad.any():
             raise ValueError(f"'{name}' holds class id {int(ids[bad].max())} >= num_classes={num_classes}")
 

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-IGNORE_INDEX = 255
+from ..data.labels import IGNORE as IGNORE_INDEX  # noqa: E402 - the one ignore index (255)
 
 
 def per_class_sum_count(values: Tensor, classes: Tensor, num_classes: int) -> tuple[Tensor, Tensor]:

@@ -31,7 +31,7 @@ from .pseudo_labels import confidence_threshold_labels, r2cp_labels, relative_co
 from .refine import TeacherThresholds, label_diagnostics, refine_labels
 from .views import strong_view, weak_view
 
-IGNORE = 255
+from ..data.labels import IGNORE  # noqa: E402 - the one ignore index (255)
 METHODS: Registry[type["Method"]] = Registry("method")
 # Sums a tensor over all workers in place (torch.distributed.all_reduce under DDP); identity in one process.
 Reducer = Callable[[Tensor], Tensor]

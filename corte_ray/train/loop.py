@@ -27,7 +27,7 @@ from ..methods.steps import Models, build_method, METHODS
 from ..models import build_model
 
 log = logging.getLogger(__name__)
-IGNORE = 255
+from ..data.labels import IGNORE  # noqa: E402,F401 - the one ignore index (255)
 
 
 # ------------------------------------------------------------------------------------------------ data
