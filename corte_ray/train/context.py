@@ -85,6 +85,9 @@ class LocalContext:
     def on_step(self, step: int) -> None:
         """Called after every optimiser step (the Ray engine's fault-injection hook)."""
 
+    def on_resumed(self, step: int, restored: dict) -> None:
+        """Called once a checkpoint is loaded, with what it restored (the Ray engine's test hook)."""
+
     def batches(self, data, cfg, start_step: int):
         from .loop import local_batches
 

@@ -411,6 +411,9 @@ def train(cfg: Config, ctx, store=None) -> TrainResult:
         torch.set_rng_state(torch_rng)
         step, best = int(state["step"]), float(state["best_miou"])
         log.info("resumed from %s at step %d", ckpt_path, step)
+        ctx.on_resumed(step, {"student": student.state_dict(), "method": method.state_dict(),
+                              "torch_rng": torch.get_rng_state(),
+                              **({"teacher": teacher.state_dict()} if teacher is not None else {})})
 
     if len(data) < cfg.data.batch_size:
         raise InputError(train_set.root, f"{len(data)} training images, fewer than data.batch_size="

@@ -116,6 +116,12 @@ class RayContext:
             shutil.rmtree(self._tmp, ignore_errors=True)
             self._tmp = None
 
+    def on_resumed(self, step: int, restored: dict) -> None:
+        """Test hook: with fault["dump_resumed"], every rank saves what the checkpoint restored (models, the
+        method's state with its generator and teacher thresholds, the RNG), to compare with the checkpoint."""
+        if self.fault and self.fault.get("dump_resumed"):
+            torch.save({"step": step, **restored}, self.run_dir / f"resumed_rank{self.rank}.pt")
+
     def on_step(self, step: int) -> None:
         """Test hook: the named rank dies hard at the named step, once (a marker file remembers).
 
