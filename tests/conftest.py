@@ -32,3 +32,16 @@ def tiny_bench(tmp_path_factory):
     root = tmp_path_factory.mktemp("bench")
     render_benchmark(root, seed=0, n_source=12, n_target=12, n_val=4, size=(64, 96))
     return root
+
+
+@pytest.fixture(autouse=True)
+def _drop_stale_log_handlers():
+    """`corte-ray` commands run in-process (main([...])) point logging at the stderr of their test, which
+    capsys closes afterwards; later tests would log into that closed stream ("--- Logging error ---")."""
+    import logging
+
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if isinstance(handler, logging.StreamHandler) and getattr(handler.stream, "closed", False):
+            root.removeHandler(handler)
+    yield

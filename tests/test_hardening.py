@@ -287,3 +287,44 @@ def test_a_missing_reference_library_fails_loudly():
 
     with pytest.raises(pytest.fail.Exception, match="need the dev extra"):
         require_reference("no_such_reference_library")
+
+
+def test_adapt_names_a_damaged_part_of_its_label_store(tmp_path, model_file, capsys):
+    label_folder(tmp_path, model_file, n=4)
+    part = sorted((tmp_path / "store" / "parts").glob("*.parquet"))[0]
+    part.write_bytes(part.read_bytes()[:100])
+    assert main(["adapt", "--out", str(tmp_path / "run"), "--engine", "local", "--dataset", "folder", "--root",
+                 str(tmp_path / "images"), "--label-store", str(tmp_path / "store"), "data.val_split="]) == 2
+    err = one_line_error(capsys, "adapt")
+    assert str(part) in err and "damaged label-store part" in err
+    assert not (tmp_path / "run" / "config.yaml").exists()
+
+
+def test_label_takes_the_client_timeout_and_retries_from_the_cli(tmp_path, model_file, capsys):
+    from corte_ray.blackbox.faults import FaultInjectingServer
+
+    image_folder(tmp_path / "images", 2)
+    with FaultInjectingServer(model_file, device="cpu", latency=2.0) as srv:
+        t0 = time.perf_counter()
+        rc = main(["label", "--engine", "local", "--dataset", "folder", "--root", str(tmp_path / "images"),
+                   "--out", str(tmp_path / "store"), "--blackbox", srv.url, "--timeout", "0.3",
+                   "--max-retries", "1", "blackbox.token_env=null"])
+        assert rc == 2 and time.perf_counter() - t0 < 2.0
+    err = one_line_error(capsys, "label")
+    assert "failed after 1 retries: no answer within 0.3 s" in err
+
+
+def test_label_honours_train_cpu_threads(tmp_path, model_file):
+    from corte_ray.config import load_config
+    from corte_ray.pipeline import label
+
+    folder = image_folder(tmp_path / "images", 2)
+    cfg = load_config(None, ["data.dataset=folder", f"data.root={folder}", f"blackbox.spec=file:{model_file}",
+                             "train.device=cpu", "train.cpu_threads=1"])
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        label(cfg, tmp_path / "store", engine="local")
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
