@@ -78,8 +78,8 @@ def run_local(args: argparse.Namespace, dataset, model_file: Path, store: Path) 
     box = TimedBox(open_blackbox(f"file:{model_file}", answer=args.answer, device=args.device,
                                  batch_size=args.batch_size))
     try:
-        # part_size = batch size: the same parts as the Ray job writes, so both pay the same Parquet writes.
-        label_dataset_local(dataset, box, store, batch_size=args.batch_size, part_size=args.batch_size,
+        # One part per batch, as the Ray job writes: both pay the same Parquet writes.
+        label_dataset_local(dataset, box, store, batch_size=args.batch_size,
                             overwrite=True)
     finally:
         box.close()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -20,6 +21,41 @@ from .log import setup_logging
 log = logging.getLogger("corte_ray")
 
 DATASET_CHOICES = ("cityscapes", "gta5", "synthia", "nthu", "folder", "synth")
+_CONFIG_KEY = re.compile(r"\(([a-z_]+\.[a-z_]+)\)$")
+
+
+def _config_default(key: str) -> str:
+    """The shipped default of a dotted config key, as a user would write it."""
+    from .config import Config
+
+    node = Config().to_dict()
+    for part in key.split("."):
+        node = node[part]
+    if node is None or node == "":
+        return "none"
+    return "x".join(map(str, node)) if isinstance(node, list) else str(node)
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option shows its real default. An option that only overrides a config key (its help ends in
+    "(section.key)") shows the config's default, not the "None" that means "not given on the command line";
+    on/off flags show none (they are off unless given); required options show "(required)"."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "%(default)" in text or "(default" in text or "default:" in text or action.default is argparse.SUPPRESS:
+            return text
+        if isinstance(action, (argparse._StoreTrueAction, argparse._CountAction, argparse._VersionAction)) \
+                or not action.option_strings:
+            return text
+        if action.required:
+            return text + " (required)"
+        match = _CONFIG_KEY.search(text)
+        if action.default is None and match:
+            return text[:match.start()] + f"({match.group(1)}, default: {_config_default(match.group(1))})"
+        if action.default is None:
+            return text + " (default: not set)"
+        return text + " (default: %(default)s)"
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -92,7 +128,8 @@ def _config_from_args(args: argparse.Namespace, base: dict | None = None, extra:
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default=None,
-                   help="YAML config file, or the name of a shipped one (demo, cityscapes); see corte_ray/configs/")
+                   help="YAML config file, or the name of a shipped one (demo, cityscapes); see corte_ray/configs/ "
+                        "(default: none, the built-in defaults)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="config overrides, e.g. corte.rc_scale=0.8 train.iterations=2000 data.crop_size=[512,512]")
 
@@ -130,13 +167,17 @@ def cmd_label(args: argparse.Namespace) -> int:
     from .pipeline import label
 
     flags = _flag_overrides(args, {**_DATA_FLAGS, "split": "data.train_split", "blackbox": "blackbox.spec",
-                                   "answer": "blackbox.answer", "device": "train.device"})
+                                   "answer": "blackbox.answer", "device": "train.device",
+                                   "timeout": "blackbox.timeout", "max_retries": "blackbox.max_retries"})
     cfg = _config_from_args(args, None, flags)
     doc = label(cfg, args.out, overwrite=args.overwrite, engine=args.engine, num_actors=args.actors,
-                gpus_per_actor=args.gpus_per_actor, budget=args.budget)
+                gpus_per_actor=args.gpus_per_actor, budget=args.budget, skip_bad=args.skip_bad)
     run = doc.get("run", {})
-    extra = f" ({run['images_per_s']:.1f} images/s, {run.get('store_bytes_per_image') or 0:.0f} bytes/image)" if run else ""
-    print(f"the store {args.out} holds {doc['num_images']} images{extra}")
+    extra = f" ({run['images_per_s']:.1f} images/s, {run.get('store_bytes_per_image') or 0:.0f} bytes/image)" \
+        if run.get("images_per_s") is not None else ""
+    skipped = f"; {run['skipped_bad']} unreadable images skipped" if run.get("skipped_bad") else ""
+    damaged = f"; {run['damaged_parts']} damaged parts moved aside and relabelled" if run.get("damaged_parts") else ""
+    print(f"the store {args.out} holds {doc['num_images']} images{extra}{skipped}{damaged}")
     return 0
 
 
@@ -212,11 +253,21 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------------------------- serve-blackbox
 def cmd_serve_blackbox(args: argparse.Namespace) -> int:
-    from .blackbox.server import serve
+    from .blackbox.server import BlackBoxServer, serve
 
-    serve(args.model_file, host=args.host, port=args.port, error_rate=args.error_rate, latency=args.latency,
-          hard_labels_only=args.hard_labels_only, token_env=args.token_env, device=args.device, seed=args.seed,
-          fault_sleep=args.fault_sleep)
+    options = dict(host=args.host, port=args.port, hard_labels_only=args.hard_labels_only, token_env=args.token_env,
+                   device=args.device, max_pixels=args.max_pixels, max_body_bytes=args.max_body_mb << 20,
+                   body_timeout=args.body_timeout, queue_timeout=args.queue_timeout,
+                   max_connections=args.max_connections)
+    if args.error_rate or args.latency:
+        # Simulating a flaky vendor is a test tool, kept out of the reference server itself.
+        from .blackbox.faults import FaultInjectingServer
+
+        server = FaultInjectingServer(args.model_file, error_rate=args.error_rate, latency=args.latency,
+                                      seed=args.seed, fault_sleep=args.fault_sleep, **options)
+    else:
+        server = BlackBoxServer(args.model_file, **options)
+    serve(server)
     return 0
 
 
@@ -236,7 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="corte-ray",
         description="Adapt a black-box segmentation model to a new domain as a small, fast student "
                     "(CoRTe + STvM), on one machine or on a Ray cluster.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"corte-ray {__version__}")
     verbosity = parser.add_mutually_exclusive_group()
@@ -244,7 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     verbosity.add_argument("-q", "--quiet", action="store_true", help="warnings and results only, no progress bars")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    fmt = _HelpFormatter
 
     p = sub.add_parser("synth", formatter_class=fmt, help="render the synthetic two-domain benchmark",
                        description="Render the procedural two-domain street-scene benchmark: DIR/source in GTA5 "
@@ -280,7 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--classes", default=None,
                    help="class set to average over: 19, 16 or 13 (default: the dataset's own, e.g. 16 for "
                         "synthia, 13 for nthu, the rendered classes for synth)")
-    p.add_argument("--json", type=Path, default=None, help="also write the result as JSON to this file")
+    p.add_argument("--json", type=Path, default=None, help="also write the result as JSON to this file (default: none)")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("demo", formatter_class=fmt, help="the whole pipeline on the embedded synthetic benchmark",
@@ -326,12 +377,12 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(Parquet parts + thresholds.json). Rerunning labels only the missing images.")
     p.add_argument("--dataset", choices=DATASET_CHOICES, default=None, help="dataset format (data.dataset)")
     p.add_argument("--root", default=None, help="dataset root (data.root)")
-    p.add_argument("--split", default=None, help="split to label (data.train_split, default train)")
-    p.add_argument("--blackbox", default=None, help="file:PATH of a TorchScript/ONNX model, or an http(s) endpoint")
+    p.add_argument("--split", default=None, help="split to label (data.train_split)")
+    p.add_argument("--blackbox", default=None, help="file:PATH of a TorchScript/ONNX model, or an http(s) endpoint (blackbox.spec)")
     p.add_argument("--answer", choices=("probs", "topk", "hard"), default=None,
-                   help="what to ask the box for (blackbox.answer, default probs)")
+                   help="what to ask the box for (blackbox.answer)")
     p.add_argument("--resize", type=_size, default=None, help="resize images to HxW before querying (data.resize)")
-    p.add_argument("--device", default=None, help="device for a local box: auto, cpu, cuda")
+    p.add_argument("--device", default=None, help="device for a local box: auto, cpu, cuda (train.device)")
     p.add_argument("--out", required=True, type=Path, help="label store directory")
     p.add_argument("--overwrite", action="store_true", help="relabel everything instead of resuming")
     p.add_argument("--engine", choices=("ray", "local"), default="ray",
@@ -339,7 +390,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--actors", type=int, default=1, help="ray: black-box actors, each loads the model once")
     p.add_argument("--gpus-per-actor", type=float, default=0.0, help="ray: GPUs per actor (fractions share a GPU)")
     p.add_argument("--budget", type=int, default=None,
-                   help="ray: query at most N images in this run; rerun for the rest")
+                   help="ray engine: query at most N images in this run, rerun for the rest; an http(s) box: send "
+                        "at most N requests, retries included (default: no budget)")
+    p.add_argument("--timeout", type=float, default=None, help="http(s) box: seconds per request (blackbox.timeout)")
+    p.add_argument("--max-retries", type=int, default=None,
+                   help="http(s) box: retries per request (blackbox.max_retries)")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="skip unreadable images and report how many, instead of stopping at the first")
     _add_config_args(p)
     p.set_defaults(func=cmd_label)
 
@@ -389,18 +446,27 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(GET /v1/info, POST /v1/segment; see corte_ray/blackbox/http.py) for "
                                    "--blackbox http://HOST:PORT. Listens on loopback unless --host says otherwise. "
                                    "--error-rate, --latency and --hard-labels-only simulate a flaky or restricted "
-                                   "vendor. Ctrl-C stops it.")
+                                   "vendor. Ctrl-C or SIGTERM stops it, with a final line of stats.")
     p.add_argument("model_file", type=Path, help="TorchScript (.pt) or ONNX (.onnx) model file")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=0, help="port; 0 picks a free one (the URL is printed)")
     p.add_argument("--token-env", default=None,
                    help="name of an environment variable holding a token that clients must send as "
-                        "'Authorization: Bearer TOKEN'; unset: no token is asked for")
+                        "'Authorization: Bearer TOKEN' (default: unset, no token is asked for)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--hard-labels-only", action="store_true", help="answer hard label maps only, whatever is asked")
+    p.add_argument("--max-pixels", type=int, default=2048 * 2048,
+                   help="largest image answered (width x height); larger ones get 413 before decoding")
+    p.add_argument("--max-body-mb", type=int, default=32, help="largest request body in MiB (413 beyond)")
+    p.add_argument("--body-timeout", type=float, default=30.0,
+                   help="seconds a client has to send its whole request body (408 after)")
+    p.add_argument("--queue-timeout", type=float, default=30.0,
+                   help="seconds a request waits for the model before a 503 with Retry-After")
+    p.add_argument("--max-connections", type=int, default=64, help="open connections at once (503 beyond)")
     p.add_argument("--error-rate", type=float, default=0.0,
-                   help="fraction of /v1/segment requests that fail: 503, 500, a hang or a dropped connection")
-    p.add_argument("--latency", type=float, default=0.0, help="seconds added to every request")
+                   help="testing: fraction of /v1/segment requests that fail: 503, 500, a hang or a dropped "
+                        "connection (serves through corte_ray.blackbox.faults)")
+    p.add_argument("--latency", type=float, default=0.0, help="testing: seconds added to every request")
     p.add_argument("--fault-sleep", type=float, default=5.0,
                    help="seconds an injected hang lasts (keep it above the client's timeout)")
     p.add_argument("--seed", type=int, default=0, help="seed of the fault injection")

@@ -81,10 +81,22 @@ class BlackBoxConfig:
     topk: int = 2                                  # k for answer=topk
     batch_size: int = 8                            # images per query
     label_store: str | None = None                 # a label store written by `corte-ray label` (else label on the fly)
+    # http(s) boxes only:
+    token_env: str | None = "CORTE_BLACKBOX_TOKEN"  # environment variable holding the bearer token (null: none)
+    timeout: float = 30.0                          # seconds per request before it is retried
+    max_retries: int = 8                           # retries per request (timeouts, dropped connections, 408/429/5xx)
+    allow_http: bool = False                       # allow plain http to a host that is not loopback (unencrypted)
 
     def validate(self, p: str = "blackbox") -> None:
         _check(self.topk >= 2, f"{p}.topk", f"must be >= 2 (relative confidence needs two classes), got {self.topk}")
         _check(self.batch_size >= 1, f"{p}.batch_size", "must be >= 1")
+        _in_range(self.timeout, f"{p}.timeout", 0.0, 3600.0, lo_open=True)
+        _check(self.max_retries >= 0, f"{p}.max_retries", f"must be >= 0, got {self.max_retries}")
+
+    def remote_options(self) -> dict:
+        """The options of an http(s) box (blackbox.protocol.REMOTE_OPTIONS), for open_blackbox(**...)."""
+        return {"token_env": self.token_env, "timeout": self.timeout, "max_retries": self.max_retries,
+                "allow_http": self.allow_http}
 
 
 @dataclass
@@ -354,11 +366,20 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = (),
         if not p.exists() and not p.suffix and shipped_config_path(str(path)).exists():
             p = shipped_config_path(str(path))
         try:
-            doc = yaml.safe_load(p.read_text()) or {}
+            doc = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
         except FileNotFoundError:
             raise ConfigError(f"config file {p} does not exist") from None
+        except IsADirectoryError:
+            raise ConfigError(f"config file {p} is a directory; give a YAML file") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"config file {p} is not text (not UTF-8); give a YAML file") from None
+        except OSError as exc:
+            raise ConfigError(f"config file {p} cannot be read ({exc.strerror or type(exc).__name__})") from None
         except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {p} is not valid YAML: {exc}") from None
+            # The parser's first line says where; its full report spans lines and quotes the file.
+            where = str(exc).splitlines()
+            raise ConfigError(f"config file {p} is not valid YAML ({' '.join(w.strip() for w in where[:3])})") \
+                from None
         if not isinstance(doc, dict):
             raise ConfigError(f"config file {p} must hold a mapping at the top level")
         _deep_update(data, doc)

@@ -18,8 +18,31 @@ from .errors import ConfigError, InputError
 log = logging.getLogger(__name__)
 
 
+def check_run_inputs(cfg: Config) -> None:
+    """Open what a run reads before the run exists: the train and val splits, the label store, the initial
+    weights and a local box file. A wrong path fails here, naming it, and leaves no run directory behind."""
+    from .data.datasets import open_dataset
+    from .methods.steps import METHODS
+
+    d = cfg.data
+    for split in (d.train_split, d.val_split):
+        if split:
+            open_dataset(d.dataset, Path(d.root), split=split, city=d.city, labels_dir=d.labels_dir,
+                         label_space=d.label_space)
+    if cfg.model.weights and not Path(cfg.model.weights).is_file():
+        raise InputError(cfg.model.weights, "model.weights: file not found")
+    if METHODS.get(cfg.method).needs_box_labels:
+        if cfg.blackbox.label_store:
+            from .blackbox.store import LabelStore
+
+            LabelStore(cfg.blackbox.label_store)
+        elif cfg.blackbox.spec.startswith("file:") and not Path(cfg.blackbox.spec[5:]).exists():
+            raise InputError(cfg.blackbox.spec[5:], "blackbox.spec: model file not found")
+
+
 def prepare_run_dir(run_dir: str | Path, cfg: Config | None, resume: bool) -> Config:
-    """New run: refuse to clobber an existing run and save the resolved config. Resume: load the saved config."""
+    """New run: refuse to clobber an existing run, check its inputs, then save the resolved config (from then
+    on the directory is a run). Resume: load the saved config."""
     run_dir = Path(run_dir)
     cfg_path = run_dir / "config.yaml"
     if resume:
@@ -29,9 +52,33 @@ def prepare_run_dir(run_dir: str | Path, cfg: Config | None, resume: bool) -> Co
     if cfg_path.exists():
         raise InputError(run_dir, "already holds a run; pass --resume to continue it, or choose another --out")
     assert cfg is not None
-    run_dir.mkdir(parents=True, exist_ok=True)
+    check_run_inputs(cfg)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise InputError(run_dir, f"cannot create the run directory ({err.strerror or type(err).__name__})") from None
     save_config(cfg, cfg_path)
     return cfg
+
+
+class _FreshRun:
+    """Undo a new run's config.yaml when the command fails on the user's input before its first checkpoint:
+    the corrected command then starts afresh instead of being refused ("already holds a run")."""
+
+    def __init__(self, run_dir: Path, resume: bool) -> None:
+        self.cfg_path, self.resume = run_dir / "config.yaml", resume
+        self.ckpt_root = run_dir / "checkpoints"
+
+    def __enter__(self) -> "_FreshRun":
+        return self
+
+    def __exit__(self, kind, exc, tb) -> None:
+        from .errors import CorteError
+
+        if (exc is not None and isinstance(exc, CorteError) and not self.resume and self.cfg_path.exists()
+                and not any(self.ckpt_root.glob("step_*")) and not any(self.cfg_path.parent.glob("step_*"))):
+            self.cfg_path.unlink()
+            log.info("%s removed: the run failed before its first checkpoint", self.cfg_path)
 
 
 def open_label_store(cfg: Config, run_dir: Path):
@@ -49,16 +96,20 @@ def open_label_store(cfg: Config, run_dir: Path):
 
 
 def label(cfg: Config, store_dir: str | Path, overwrite: bool = False, engine: str = "ray", num_actors: int = 1,
-          gpus_per_actor: float = 0.0, budget: int | None = None) -> dict:
+          gpus_per_actor: float = 0.0, budget: int | None = None, skip_bad: bool = False) -> dict:
     """Query the black box once for every target training image; write the label store.
 
-    engine "ray": a Ray Data job with an actor pool of box clients; "local": one process, no Ray."""
+    engine "ray": a Ray Data job with an actor pool of box clients; "local": one process, no Ray.
+    skip_bad: unreadable images are skipped and counted (doc["run"]["skipped_bad"]) instead of stopping."""
     from .blackbox import open_blackbox
     from .blackbox.store import label_dataset_local
     from .data.datasets import open_dataset
 
+    if not cfg.blackbox.spec:
+        raise ConfigError("blackbox.spec: no black box to label with; pass --blackbox file:MODEL or http(s)://...")
     dataset = open_dataset(cfg.data.dataset, Path(cfg.data.root), split=cfg.data.train_split, city=cfg.data.city,
                            labels_dir=cfg.data.labels_dir, label_space=cfg.data.label_space)
+    remote = cfg.blackbox.remote_options()
     if engine == "ray":
         from .blackbox.ray_label import label_dataset_ray
 
@@ -66,15 +117,20 @@ def label(cfg: Config, store_dir: str | Path, overwrite: bool = False, engine: s
                                  answer=cfg.blackbox.answer, topk=cfg.blackbox.topk,
                                  batch_size=cfg.blackbox.batch_size, num_actors=num_actors,
                                  num_gpus_per_actor=gpus_per_actor, overwrite=overwrite, budget=budget,
-                                 device=cfg.train.device)
-    if budget is not None:
-        raise ConfigError("--budget: the query budget is enforced by the ray engine (or blackbox http budget)")
+                                 device=cfg.train.device, threads_per_actor=cfg.train.cpu_threads or None,
+                                 box_options=remote, skip_bad=skip_bad)
+    if cfg.train.cpu_threads:
+        # The box's forward passes run on this process's threads: the same limit as training, for the same
+        # reason (more threads than free cores slows everything down).
+        torch.set_num_threads(cfg.train.cpu_threads)
+    if budget is not None and not cfg.blackbox.spec.lower().startswith(("http://", "https://")):
+        raise ConfigError("--budget: a query budget applies to an http(s) box, or to the ray engine")
     box = open_blackbox(cfg.blackbox.spec, answer=cfg.blackbox.answer, topk=cfg.blackbox.topk,
-                        device=cfg.train.device, batch_size=cfg.blackbox.batch_size)
+                        device=cfg.train.device, batch_size=cfg.blackbox.batch_size, budget=budget, **remote)
     try:
         t0 = time.perf_counter()
         doc = label_dataset_local(dataset, box, store_dir, resize=cfg.data.resize, batch_size=cfg.blackbox.batch_size,
-                                  overwrite=overwrite, k=cfg.blackbox.topk)
+                                  overwrite=overwrite, k=cfg.blackbox.topk, skip_bad=skip_bad)
         log.info("labelled %d images into %s in %.1fs", doc["num_images"], store_dir, time.perf_counter() - t0)
         return doc
     finally:
@@ -93,13 +149,14 @@ def adapt(cfg: Config | None, run_dir: str | Path, resume: bool = False):
         raise ConfigError(f"model.weights: method {cfg.method} starts student and teacher from the white-box "
                           f"source model; pass --source-checkpoint CKPT (or model.weights=CKPT)")
     cfg = prepare_run_dir(run_dir, cfg, resume)
-    store = open_label_store(cfg, run_dir) if METHODS.get(cfg.method).needs_box_labels else None
-    if cfg.scaling.engine == "ray":
-        from .train.ray_engine import fit_ray
+    with _FreshRun(run_dir, resume):
+        store = open_label_store(cfg, run_dir) if METHODS.get(cfg.method).needs_box_labels else None
+        if cfg.scaling.engine == "ray":
+            from .train.ray_engine import fit_ray
 
-        return fit_ray(cfg, run_dir, str(store.root) if store is not None else None)
-    ctx = LocalContext(run_dir, resolve_device(cfg.train.device), cfg.train.keep_checkpoints)
-    return train(cfg, ctx, store)
+            return fit_ray(cfg, run_dir, str(store.root) if store is not None else None)
+        ctx = LocalContext(run_dir, resolve_device(cfg.train.device), cfg.train.keep_checkpoints)
+        return train(cfg, ctx, store)
 
 
 def _read_checkpoint(path: str | Path) -> tuple[dict, Path]:
@@ -154,11 +211,12 @@ def train_source(cfg: Config, run_dir: str | Path, export_path: str | Path, resu
     from .train.loop import train
 
     run_dir = Path(run_dir)
-    cfg = prepare_run_dir(run_dir, cfg, resume)
-    if cfg.method != "oracle":
+    if cfg is not None and cfg.method != "oracle":
         raise ConfigError("method: train-source trains on source labels (method=oracle)")
+    cfg = prepare_run_dir(run_dir, cfg, resume)
     ctx = LocalContext(run_dir, resolve_device(cfg.train.device), cfg.train.keep_checkpoints)
-    result = train(cfg, ctx, store=None)
+    with _FreshRun(run_dir, resume):
+        result = train(cfg, ctx, store=None)
     ckpt = ctx.latest_checkpoint()
     model, _ = load_checkpoint_model(ckpt)
     from .data.labels import TRAIN_NAMES
@@ -189,7 +247,10 @@ def predict(model: torch.nn.Module, dataset, out_dir: str | Path, resize: tuple[
     dev = resolve_device(device)
     model = model.to(dev).eval()
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:  # a file in the way, no permission, a read-only disk
+        raise InputError(out_dir, f"cannot write predictions here ({err.strerror or type(err).__name__})") from None
     samples = dataset.samples[:max_images] if max_images else dataset.samples
     for sample in progress(samples, desc="predict", unit="img"):
         pred = predict_train_ids(model, dataset.read_image(sample), dev, resize=resize)

@@ -23,7 +23,7 @@ import numpy as np
 
 from .io_utils import write_atomic
 
-IGNORE = 255
+from .data.labels import IGNORE  # noqa: E402 - the one ignore index (255)
 
 __all__ = ["GridLayout", "prediction_grid", "plot_curves", "read_curve", "results_markdown", "gap_closed"]
 

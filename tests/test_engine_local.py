@@ -170,12 +170,12 @@ def test_export_checkpoint_cli_parity(tiny_bench, box_and_store, tmp_path, capsy
 
 
 def test_store_refuses_answers_of_another_kind(tmp_path):
-    from corte_ray.blackbox.store import LabelStoreWriter, encode_answer
+    from corte_ray.blackbox.store import LabelStoreWriter, encode_store_row
     from corte_ray.errors import InputError
     import numpy as np
 
     w = LabelStoreWriter(tmp_path / "s", {"answer_kind": "topk", "k": 2, "num_classes": 3})
-    hard_row = encode_answer("img1", "hard", 3, hard=np.zeros((2, 2), np.uint8))
+    hard_row = encode_store_row("img1", "hard", 3, hard=np.zeros((2, 2), np.uint8))
     with pytest.raises(InputError, match="answered hard labels for 'img1'"):
         w.write_part([hard_row])
     assert not list((tmp_path / "s" / "parts").glob("*.parquet"))

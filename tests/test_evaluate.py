@@ -13,6 +13,7 @@ import pytest
 from corte_ray.cli import main
 from corte_ray.data.datasets import open_dataset
 from corte_ray.data.labels import SYNTHIA_13
+from tests.conftest import require_reference
 from corte_ray.errors import ConfigError, CorteError, InputError
 from corte_ray.evaluation import EvalResult, confusion_matrix, evaluate_predictions, iou_per_class
 from tests.layouts import SIZE, make_cityscapes, make_folder, write_png, write_predictions
@@ -74,8 +75,8 @@ def random_gt(rng: np.random.Generator, shape=(3, 20, 24)) -> np.ndarray:
 
 
 def test_matches_torchmetrics_19_classes():
-    torch = pytest.importorskip("torch")
-    tm = pytest.importorskip("torchmetrics.classification")
+    torch = require_reference("torch")
+    tm = require_reference("torchmetrics.classification")
     rng = np.random.default_rng(0)
     gt = random_gt(rng)
     pred = perturbed(gt, rng, no_class=False)
@@ -94,8 +95,8 @@ def test_matches_torchmetrics_19_classes():
 def test_matches_torchmetrics_with_no_class_predictions():
     # torchmetrics drops gt == ignore pixels but cannot take pred == 255 (it would index past its
     # 19 x 19 bins); a 20th "no class" class reproduces our semantics: a miss for the gt class.
-    torch = pytest.importorskip("torch")
-    tm = pytest.importorskip("torchmetrics.classification")
+    torch = require_reference("torch")
+    tm = require_reference("torchmetrics.classification")
     rng = np.random.default_rng(1)
     gt = random_gt(rng)
     pred = perturbed(gt, rng, no_class=True)
@@ -130,8 +131,8 @@ def test_ground_truth_against_itself_is_100(tmp_path):
 
 
 def test_perturbed_predictions_match_torchmetrics(tmp_path):
-    torch = pytest.importorskip("torch")
-    tm = pytest.importorskip("torchmetrics.classification")
+    torch = require_reference("torch")
+    tm = require_reference("torchmetrics.classification")
     rng = np.random.default_rng(3)
     fx = make_cityscapes(tmp_path / "cs", cities=(("aachen", 2), ("bonn", 2)))
     preds = {k: perturbed(g, rng, no_class=False) for k, g in fx.expected.items()}

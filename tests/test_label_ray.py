@@ -156,10 +156,10 @@ def test_store_holds_the_box_answer_and_equals_the_local_loop(ray_cluster, datas
 
 
 def test_http_box_with_faults_answers_every_image_once(ray_cluster, dataset, model_file, tmp_path):
-    server_mod = pytest.importorskip("corte_ray.blackbox.server")
+    from corte_ray.blackbox.faults import FaultInjectingServer
     # A quarter of the requests fail (503, 500, a connection closed after 0.3 s, a dropped connection);
     # seed 1 puts four faults among the first 16 requests.
-    with server_mod.BlackBoxServer(model_file, device="cpu", error_rate=0.25, seed=1, fault_sleep=0.3) as srv:
+    with FaultInjectingServer(model_file, device="cpu", error_rate=0.25, seed=1, fault_sleep=0.3) as srv:
         doc = label_dataset_ray(dataset, srv.url, tmp_path / "store", batch_size=4)
         stats = srv.stats
     images = images_of(dataset)
@@ -231,6 +231,37 @@ def test_killed_job_resumes_without_querying_twice(ray_cluster, bench, dataset, 
     rerun_log.unlink()
     assert label_dataset_ray(dataset, f"counting:{model_file}#{rerun_log}", store_dir)["run"]["labelled"] == 0
     assert read_hashes(rerun_log) == []
+
+
+def test_a_labelling_actor_killed_mid_batch_leaves_no_duplicate(ray_cluster, dataset, model_file, tmp_path):
+    store_dir, marker, log = tmp_path / "store", tmp_path / "died", tmp_path / "queries.log"
+    doc = label_dataset_ray(dataset, f"counting:{model_file}#{log}#0#{marker}", store_dir, batch_size=4)
+    assert marker.exists()                                   # the actor really died in its second batch
+    keys = part_keys(store_dir)
+    assert len(keys) == len(set(keys)) == 16                 # every key once: Ray re-ran the lost batch
+    assert doc["num_images"] == 16 and LabelStore(store_dir).row_count() == 16
+
+
+def test_a_rerun_batch_queries_nothing_already_stored(dataset, model_file, tmp_path):
+    """What Ray does when an actor dies after writing its part but before returning: the batch runs again.
+    The labeller checks the store's manifests first (no Ray needed to show it)."""
+    from corte_ray.blackbox.ray_label import BoxLabeller, make_decoder
+    from corte_ray.blackbox.store import LabelStoreWriter, label_store_meta
+    import dataclasses
+
+    log = tmp_path / "q.log"
+    spec = f"counting:{model_file}#{log}"
+    with LocalBlackBox(model_file, device="cpu") as probe:
+        meta = label_store_meta(probe, dataset, None, 2)
+    meta["blackbox"] = spec
+    LabelStoreWriter(tmp_path / "store", meta)
+    labeller = BoxLabeller(spec, "probs", 2, "cpu", 4, str(tmp_path / "store"), meta)
+    decode = make_decoder(dataclasses.replace(dataset, samples=[]), None)
+    batch = decode({"key": np.array([s.key for s in dataset.samples[:4]]),
+                    "path": np.array([str(s.image) for s in dataset.samples[:4]])})
+    first, again = labeller(dict(batch)), labeller(dict(batch))
+    assert int(first["queried"][0]) == 4 and int(again["queried"][0]) == 0
+    assert len(read_hashes(log)) == 4 and LabelStore(tmp_path / "store").row_count() == 4
 
 
 def test_hard_label_box_end_to_end(ray_cluster, dataset, model_file, tmp_path):

@@ -7,17 +7,18 @@ import numpy as np
 import pytest
 
 from corte_ray.data import labels
+from tests.conftest import require_reference
 from corte_ray.errors import InputError
 
 
 def test_cityscapes_table_matches_cityscapesscripts():
-    official = pytest.importorskip("cityscapesscripts.helpers.labels")
+    official = require_reference("cityscapesscripts.helpers.labels")
     expected = [(lb.name, lb.id, lb.trainId, tuple(lb.color)) for lb in official.labels if lb.id >= 0]
     assert list(labels.CITYSCAPES_TABLE) == expected
 
 
 def test_train_names_and_palette_match_cityscapesscripts():
-    official = pytest.importorskip("cityscapesscripts.helpers.labels")
+    official = require_reference("cityscapesscripts.helpers.labels")
     by_train = {lb.trainId: lb for lb in official.labels if 0 <= lb.trainId < 255}
     assert labels.TRAIN_NAMES == tuple(by_train[t].name for t in range(19))
     assert labels.TRAIN_PALETTE == tuple(tuple(by_train[t].color) for t in range(19))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -164,3 +165,17 @@ def test_cuda_weak_and_strong_views():
     torch.testing.assert_close(out.cpu(), ref)
     strong = strong_view(images.cuda(), generator=torch.Generator(device="cuda").manual_seed(0))
     assert strong.is_cuda and strong.shape == images.shape
+
+
+def test_one_nearest_geometry_for_the_store_the_loader_and_the_views():
+    """resize_map (the loader, on the store's maps) and the views' nearest resize are one centre-aligned
+    geometry, PyTorch's 'nearest-exact': a label resized either way sits under the bilinearly resized image."""
+    from corte_ray.data.transforms import nearest_index, resize_map
+    from corte_ray.methods.views import _resize_nearest
+
+    labels = torch.arange(7 * 9, dtype=torch.uint8).reshape(7, 9)
+    for size in [(3, 4), (14, 18), (10, 5), (7, 9)]:
+        exact = torch.nn.functional.interpolate(labels[None, None].float(), size=size, mode="nearest-exact")
+        np.testing.assert_array_equal(resize_map(labels.numpy(), size), exact[0, 0].byte().numpy())
+        assert torch.equal(_resize_nearest(labels, size), exact[0, 0].byte())
+    assert nearest_index(2, 4).tolist() == [1, 3]   # centres 1.0 and 3.0, not the top-left 0 and 2

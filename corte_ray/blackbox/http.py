@@ -10,6 +10,9 @@ Wire format, version 1
 BASE is the URL the user gives (scheme, host, port and an optional path prefix; no query, no credentials).
 One request carries one image. Every endpoint may require `Authorization: Bearer <token>`; the client sends
 it when the environment variable named by `token_env` (default CORTE_BLACKBOX_TOKEN) is set and non-empty.
+The token is read with surrounding whitespace stripped (a token file with a CRLF ending is common) and must then
+be printable ASCII without spaces (RFC 6750 token68 characters, a little wider); anything else is refused in one
+line that names the variable, never the token.
 
 GET BASE/v1/info
     200, Content-Type application/json, an object with at least
@@ -48,18 +51,27 @@ an npz keeps dtype and shape with the data, it is readable without numpy too (a 
 documented format), and one format covers all three kinds. A hard map as a PNG would be smaller but would
 need a second format beside the other two kinds.
 
+Client limits: an answer larger than `max_answer_bytes` (default 64 MiB) is refused without being read whole,
+and every array of the npz is checked from its .npy header (shape, dtype, size) against the image asked about
+before any of it is read, so a hostile or broken server cannot make the client allocate more than the answer
+for that image. Plain http to a host that is not loopback is refused unless `allow_http=True`
+(blackbox.allow_http): images and the token would cross the network unencrypted.
+
 Client behaviour: `HttpBlackBox.query` sends the B images of a batch concurrently (a pool of `concurrency`
 threads over one keep-alive connection pool), retries timeouts, dropped connections, 408, 429 and 5xx with
 exponential backoff and full jitter (sleep ~ U(0, min(max_backoff, backoff * 2**attempt))), and returns one
 `BoxAnswer` in input order. If the server answers a weaker kind than asked for some image, the whole batch is
 downgraded to the weakest kind received (probs -> top-k is done client-side; any hard answer makes the batch
-hard). The token is never logged, put in an error message or shown in a repr.
+hard). A query budget counts requests sent, retries included (a retried request may well have been answered,
+and paid for, before its answer was lost): a batch is refused before it starts when the budget cannot cover one
+request per image, and a retry that would go over the budget fails the batch instead. The token is never logged, put in an error message or shown in a repr.
 """
 
 from __future__ import annotations
 
 import io
 import ipaddress
+import zipfile
 import logging
 import math
 import os
@@ -79,6 +91,7 @@ import torch
 from PIL import Image
 from requests.adapters import HTTPAdapter
 
+from ..data.labels import IGNORE
 from ..errors import ConfigError, CorteError
 from .protocol import ANSWER_KINDS, BACKENDS, BlackBox, BoxAnswer, check_images
 
@@ -134,9 +147,10 @@ def id_dtype(num_classes: int) -> np.dtype:
     return np.dtype(np.uint8 if num_classes <= 256 else np.uint16)
 
 
-def encode_answer(kind: str, num_classes: int, probs: np.ndarray | None = None, topk_ids: np.ndarray | None = None,
+def encode_wire_answer(kind: str, num_classes: int, probs: np.ndarray | None = None, topk_ids: np.ndarray | None = None,
                   topk_probs: np.ndarray | None = None, hard: np.ndarray | None = None) -> bytes:
-    """The npz body of a 200 answer for one image (what a server sends)."""
+    """The npz body of a 200 answer for one image (what a server sends). The label store's row encoder is
+    `store.encode_store_row`."""
     arrays: dict[str, np.ndarray] = {"kind": np.array(kind), "num_classes": np.array(num_classes, dtype=np.int32)}
     if kind == "probs":
         arrays["probs"] = np.asarray(probs, dtype=np.float16)
@@ -167,14 +181,66 @@ class ImageAnswer:
         return None if self.topk_ids is None else int(self.topk_ids.shape[0])
 
 
+def _expected_shapes(num_classes: int, height: int, width: int) -> dict[str, tuple[int, ...]]:
+    """The largest shape each array of an answer for an H x W image may have (k <= C for top-k)."""
+    return {"kind": (), "num_classes": (), "probs": (num_classes, height, width),
+            "topk_ids": (num_classes, height, width), "topk_probs": (num_classes, height, width),
+            "hard": (height, width)}
+
+
+def _read_npz_checked(body: bytes, num_classes: int, height: int, width: int) -> dict[str, np.ndarray]:
+    """The arrays of an answer archive, each checked from its .npy header (shape, dtype, declared and
+    uncompressed size) before its data is read: a server cannot make us allocate more than the answer for
+    this image. Members not in the wire format are skipped unread."""
+    limits = _expected_shapes(num_classes, height, width)
+    arrays: dict[str, np.ndarray] = {}
+    try:
+        archive = zipfile.ZipFile(io.BytesIO(body))
+    except zipfile.BadZipFile as err:
+        raise ValueError(f"the body is not a readable npz archive ({err})") from None
+    with archive:
+        for info in archive.infolist():
+            name = info.filename[:-4] if info.filename.endswith(".npy") else info.filename
+            if name not in limits:
+                continue
+            limit = limits[name]
+            # 8 bytes per element is the widest dtype we accept; the header is at most a few hundred bytes.
+            most_bytes = 8 * int(np.prod(limit, dtype=np.int64)) + 4096
+            if info.file_size > most_bytes:
+                raise ValueError(f"'{name}' is {info.file_size} bytes uncompressed, more than an answer for a "
+                                 f"{height}x{width} image can be")
+            try:
+                with archive.open(info) as member, _NPY_HEADER_LOCK:
+                    version = np.lib.format.read_magic(member)
+                    if version == (1, 0):
+                        shape, fortran, dtype = np.lib.format.read_array_header_1_0(member)
+                    else:
+                        shape, fortran, dtype = np.lib.format.read_array_header_2_0(member)
+                    if dtype.hasobject:
+                        raise ValueError(f"'{name}' holds Python objects")
+                    if len(shape) != len(limit) or any(n > m for n, m in zip(shape, limit)):
+                        raise ValueError(f"'{name}' has shape {shape}, expected at most {limit} for a "
+                                         f"{height}x{width} image")
+                    if dtype.itemsize > (64 if name == "kind" else 8):   # "kind" is a short string
+                        raise ValueError(f"'{name}' has dtype {dtype}")
+                    count = int(np.prod(shape, dtype=np.int64))
+                    data = member.read(count * dtype.itemsize + 1)
+                if len(data) != count * dtype.itemsize:
+                    raise ValueError(f"'{name}' holds {len(data)} bytes of data, its header says "
+                                     f"{count * dtype.itemsize}")
+                array = np.frombuffer(data, dtype=dtype, count=count)
+                arrays[name] = array.reshape(shape, order="F" if fortran else "C")
+            except ValueError:
+                raise
+            except Exception as err:  # zlib, header parsing: the archive is damaged
+                raise ValueError(f"the npz member '{name}' is unreadable ({type(err).__name__}: {err})") from None
+    return arrays
+
+
 def decode_answer(body: bytes, num_classes: int, size: tuple[int, int]) -> ImageAnswer:
     """Read and check one 200 answer for an image of `size` (H, W). Raises ValueError saying what is wrong."""
     height, width = size
-    try:
-        with _NPY_HEADER_LOCK, np.load(io.BytesIO(body), allow_pickle=False) as archive:
-            arrays = {name: archive[name] for name in archive.files}
-    except Exception as err:  # zipfile, numpy and pickle refusals all mean "not a readable npz"
-        raise ValueError(f"the body is not a readable npz archive ({type(err).__name__}: {err})") from None
+    arrays = _read_npz_checked(body, num_classes, height, width)
     if "kind" not in arrays:
         raise ValueError(f"the archive has no 'kind' (it holds {sorted(arrays)})")
     raw_kind = arrays["kind"]
@@ -198,7 +264,7 @@ def decode_answer(body: bytes, num_classes: int, size: tuple[int, int]) -> Image
     def check_ids(ids: np.ndarray, name: str, allow_ignore: bool) -> None:
         bad = ids >= num_classes
         if allow_ignore:
-            bad &= ids != 255
+            bad &= ids != IGNORE
         if bad.any():
             raise ValueError(f"'{name}' holds class id {int(ids[bad].max())} >= num_classes={num_classes}")
 
@@ -239,6 +305,23 @@ def parse_retry_after(value: str | None) -> float | None:
     return max(0.0, seconds) if math.isfinite(seconds) else None
 
 
+def read_token(env: str | None) -> str | None:
+    """The bearer token in the environment variable `env`, stripped; None when unset or empty. Refuses a token
+    that cannot go in an HTTP header, in a message that names the variable and never shows the token."""
+    if not env:
+        return None
+    token = os.environ.get(env, "").strip()
+    if not token:
+        return None
+    bad = [c for c in token if not 0x21 <= ord(c) <= 0x7E]
+    if bad:
+        what = "a space" if " " in bad else ("a control character" if any(ord(c) < 0x20 or ord(c) == 0x7F
+                                                                         for c in bad) else "a non-ASCII character")
+        raise ConfigError(f"token_env: ${env} holds {what} inside the token ({len(token)} characters after "
+                          "stripping); a bearer token is printable ASCII without spaces: check the token file")
+    return token
+
+
 def is_loopback(host: str) -> bool:
     """True for localhost and loopback addresses: where a token over plain http stays on this machine."""
     if host == "localhost":
@@ -259,6 +342,10 @@ def _describe(err: BaseException) -> str:
         if hint in text:
             return hint
     return type(err).__name__
+
+
+class _BrokenOff(Exception):
+    """The connection failed while an answer's body was being read (transient, like a dropped connection)."""
 
 
 class _Aborted(Exception):
@@ -287,15 +374,17 @@ class HttpBlackBox(BlackBox):
     """A black box behind the HTTP wire format above: one request per image, several in flight at once.
 
     Counters (read them, do not set them): `images_sent` (images for which a request went out, each counted
-    once however often it was retried), `retries` (retried attempts), `failures` (requests that failed for
-    good: after all retries, or at once for a non-transient error), `budget_left` (None without a budget).
+    once however often it was retried), `requests_sent` (/v1/segment requests that went out, retries included:
+    what the budget counts), `retries` (retried attempts), `failures` (requests that failed for good: after all
+    retries, or at once for a non-transient error), `budget_left` (None without a budget).
     `device` and `batch_size` are accepted for the options `open_blackbox` passes every backend; the wire
     carries one image per request, so they change nothing here.
     """
 
     def __init__(self, url: str, answer: str = "probs", topk: int = 2, token_env: str | None = "CORTE_BLACKBOX_TOKEN",
                  timeout: float = 30.0, max_retries: int = 8, backoff: float = 0.5, max_backoff: float = 30.0,
-                 concurrency: int = 4, budget: int | None = None, batch_size: int = 8, device: str = "auto") -> None:
+                 concurrency: int = 4, budget: int | None = None, batch_size: int = 8, device: str = "auto",
+                 allow_http: bool = False, max_answer_bytes: int = 64 << 20) -> None:
         if answer not in ANSWER_KINDS:
             raise ConfigError(f"blackbox answer must be one of {', '.join(ANSWER_KINDS)}, got {answer!r}")
         for name, value, ok in (("topk", topk, topk >= 2), ("timeout", timeout, timeout > 0),
@@ -303,7 +392,8 @@ class HttpBlackBox(BlackBox):
                                 ("max_backoff", max_backoff, max_backoff >= 0),
                                 ("concurrency", concurrency, concurrency >= 1),
                                 ("budget", budget, budget is None or budget >= 0),
-                                ("batch_size", batch_size, batch_size >= 1)):
+                                ("batch_size", batch_size, batch_size >= 1),
+                                ("max_answer_bytes", max_answer_bytes, max_answer_bytes >= 1024)):
             if not ok:
                 raise ConfigError(f"http black box: {name}={value!r} is out of range")
         self.base_url = _base_url(url)
@@ -315,16 +405,20 @@ class HttpBlackBox(BlackBox):
         self.concurrency = int(concurrency)
         self.budget = budget
         self.batch_size = batch_size
+        self.max_answer_bytes = int(max_answer_bytes)
         self.token_env = token_env
-        token = os.environ.get(token_env, "") if token_env else ""
-        self._token = token or None
-        self._auth = _BearerAuth(token) if token else None
         host = urlsplit(self.base_url).hostname or ""
-        if self._auth is not None and self.base_url.startswith("http://") and not is_loopback(host):
-            log.warning("black box %s: sending the bearer token from $%s over plain http; use https", self.name,
-                        token_env)
+        if self.base_url.startswith("http://") and not is_loopback(host):
+            if not allow_http:
+                raise ConfigError(f"http black box: plain http to {host} sends the images (and any token) "
+                                  "unencrypted over the network; use https, or set blackbox.allow_http=true if "
+                                  "that network is trusted")
+            log.warning("black box %s: plain http to a remote host (allow_http is set); use https", self.name)
+        self._token = read_token(token_env)
+        self._auth = _BearerAuth(self._token) if self._token else None
 
         self.images_sent = 0
+        self.requests_sent = 0
         self.retries = 0
         self.failures = 0
         self._reserved = 0  # images of batches in flight that are not sent yet: the budget holds them back
@@ -366,7 +460,7 @@ class HttpBlackBox(BlackBox):
 
     @property
     def budget_left(self) -> int | None:
-        return None if self.budget is None else max(0, self.budget - self.images_sent)
+        return None if self.budget is None else max(0, self.budget - self.requests_sent)
 
     def __repr__(self) -> str:
         return (f"HttpBlackBox({self.name!r}, answer={getattr(self, 'answer_kind', '?')!r}, "
@@ -401,12 +495,20 @@ class HttpBlackBox(BlackBox):
         return self._combine(parts, height, width)
 
     def _reserve(self, count: int) -> None:
-        """Refuse a batch the budget cannot cover before any of it is sent."""
+        """Refuse a batch the budget cannot cover (one request per image) before any of it is sent."""
         with self._lock:
-            if self.budget is not None and self.images_sent + self._reserved + count > self.budget:
-                raise CorteError(f"query budget of {self.budget} images reached: {self.images_sent} sent, "
-                                 f"this batch needs {count} more (black box {self.name})")
+            if self.budget is not None and self.requests_sent + self._reserved + count > self.budget:
+                raise CorteError(f"query budget of {self.budget} requests reached: {self.requests_sent} sent "
+                                 f"(retries included), this batch needs {count} more (black box {self.name})")
             self._reserved += count
+
+    def _take_retry_budget(self, url: str) -> None:
+        """A retry is one more request: it needs budget beyond what the batch reserved."""
+        with self._lock:
+            if self.budget is not None and self.requests_sent + self._reserved + 1 > self.budget:
+                self.failures += 1
+                raise CorteError(f"query budget of {self.budget} requests reached while retrying {url} "
+                                 f"({self.requests_sent} sent, retries included; black box {self.name})")
 
     def _segment_one(self, image: np.ndarray, index: int, started: list[bool], abort: threading.Event) -> ImageAnswer:
         body = encode_png(image)
@@ -414,6 +516,7 @@ class HttpBlackBox(BlackBox):
             if abort.is_set():
                 raise _Aborted()
             self.images_sent += 1
+            self.requests_sent += 1
             self._reserved -= 1
             started[index] = True
         headers = {"Content-Type": "image/png", "Accept": ANSWER_MEDIA_TYPE, ANSWER_HEADER: self._ask}
@@ -493,7 +596,7 @@ class HttpBlackBox(BlackBox):
             retry_after = None
             try:
                 response = self._session.request(method, url, data=data, headers=headers, auth=self._auth,
-                                                 timeout=self.timeout, allow_redirects=False)
+                                                 timeout=self.timeout, allow_redirects=False, stream=True)
             except requests.Timeout:
                 reason = f"no answer within {self.timeout:g} s"
             except requests.exceptions.SSLError as err:  # a certificate problem does not heal in a minute
@@ -507,8 +610,18 @@ class HttpBlackBox(BlackBox):
                 raise CorteError(f"black box {method} {url} failed: {self._redact(str(err))}") from None
             else:
                 if response.status_code == 200:
-                    return response
+                    try:
+                        # Read here, inside the retries: an answer that breaks off is a dropped connection.
+                        response._content = self._read_capped(response, url,
+                                                               limit=(1 << 20) if method == "GET" else None)
+                        return response
+                    except _BrokenOff as err:
+                        reason = f"connection failed while reading the answer ({err})"
+                else:
+                    reason = None
+            if reason is None:
                 text = self._server_text(response)
+                response.close()
                 if response.status_code not in RETRY_STATUSES:
                     self._count_failure()
                     raise CorteError(f"black box {method} {url} answered HTTP {response.status_code}: {text}"
@@ -522,9 +635,13 @@ class HttpBlackBox(BlackBox):
                 delay = min(retry_after, self.max_backoff)
             else:  # full jitter: spreads the retries of many clients hit by the same outage
                 delay = self._rng.uniform(0.0, min(self.max_backoff, self.backoff * 2.0 ** attempt))
+            if path == SEGMENT_PATH:
+                self._take_retry_budget(url)
             attempt += 1
             with self._lock:
                 self.retries += 1
+                if path == SEGMENT_PATH:
+                    self.requests_sent += 1
             # Per-retry lines are debug noise on a flaky endpoint, but a long wait should not look like a hang.
             log.log(logging.WARNING if delay >= 5 else logging.DEBUG, "black box %s %s: %s; retry %d/%d in %.2f s",
                     method, url, reason, attempt, self.max_retries, delay)
@@ -532,9 +649,36 @@ class HttpBlackBox(BlackBox):
             if stop.wait(delay) or self._closed.is_set():
                 raise _Aborted()
 
+    def _read_capped(self, response: requests.Response, url: str, limit: int | None = None) -> bytes:
+        """The body of a 200 answer, refused (without reading it all) when over `limit` bytes."""
+        limit = self.max_answer_bytes if limit is None else limit
+        declared = response.headers.get("Content-Length", "")
+        if declared.isdigit() and int(declared) > limit:
+            response.close()
+            self._count_failure()
+            raise CorteError(f"black box {url} sent an answer of {int(declared)} bytes, over the limit of {limit} "
+                             "(blackbox max_answer_bytes)")
+        chunks, size = [], 0
+        try:
+            for chunk in response.iter_content(1 << 16):
+                size += len(chunk)
+                if size > limit:
+                    response.close()
+                    self._count_failure()
+                    raise CorteError(f"black box {url} sent an answer of more than {limit} bytes "
+                                     "(blackbox max_answer_bytes)")
+                chunks.append(chunk)
+        except requests.RequestException as err:
+            response.close()
+            raise _BrokenOff(_describe(err)) from None
+        return b"".join(chunks)
+
     def _server_text(self, response: requests.Response) -> str:
         """The server's error text (its JSON "error" when there is one), short and with no token in it."""
         try:
+            # An error body is read whole only up to 64 KiB: a hostile server cannot flood us through it.
+            raw = next(response.iter_content(64 << 10), b"") if response._content is False else response.content
+            response._content = raw
             body = response.json()
             text = str(body.get("error", body)) if isinstance(body, dict) else str(body)
         except ValueError:

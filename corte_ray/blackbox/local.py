@@ -15,19 +15,10 @@ import torch
 
 from ..errors import ConfigError
 from ..export import ModelFile, check_logits
+from ..train.context import resolve_device
 from .protocol import ANSWER_KINDS, BACKENDS, BlackBox, BoxAnswer, check_images
 
 log = logging.getLogger(__name__)
-
-
-def resolve_device(device: str) -> torch.device:
-    """"auto" is the GPU when there is one, else the CPU."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        return torch.device(device)
-    except RuntimeError as err:
-        raise ConfigError(f"unknown device {device!r} ({err})") from None
 
 
 @BACKENDS.register("file")
@@ -41,7 +32,7 @@ class LocalBlackBox(BlackBox):
         if batch_size < 1:
             raise ConfigError(f"blackbox batch_size must be >= 1, got {batch_size}")
         self.path = Path(path)
-        self.device = resolve_device(device)
+        self.device = resolve_device(device, key="blackbox device")
         self._model = ModelFile(self.path, self.device)
         self.meta: dict = self._model.meta
         self.num_classes = int(self.meta["num_classes"])

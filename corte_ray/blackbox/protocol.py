@@ -156,13 +156,21 @@ BACKENDS: Registry[type[BlackBox]] = Registry("black-box backend")
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):")
 
 
+# Options only a remote backend takes (HttpBlackBox): passed to http(s) specs, dropped for a local file.
+REMOTE_OPTIONS = ("token_env", "timeout", "max_retries", "allow_http", "budget")
+
+
 def open_blackbox(spec: str, answer: str | None = None, topk: int = 2, device: str = "auto",
-                  batch_size: int = 8) -> BlackBox:
+                  batch_size: int = 8, **remote: Any) -> BlackBox:
     """Open the box a spec names: "file:PATH" (or a bare path) for a local model file, "http://..." etc.
 
     answer=None lets the backend return the best it can; a kind restricts it (to simulate a vendor box that
-    gives less). The backends are looked up in `BACKENDS` by the spec's scheme.
+    gives less). The backends are looked up in `BACKENDS` by the spec's scheme. `remote` takes the options of
+    REMOTE_OPTIONS (None = the backend's default), given to remote backends only.
     """
+    unknown = set(remote) - set(REMOTE_OPTIONS)
+    if unknown:
+        raise TypeError(f"open_blackbox: unknown options {sorted(unknown)}")
     if answer is not None and answer not in ANSWER_KINDS:
         raise ConfigError(f"blackbox answer must be one of {', '.join(ANSWER_KINDS)}, got {answer!r}")
     options: dict[str, Any] = {"topk": topk, "device": device, "batch_size": batch_size}
@@ -173,6 +181,8 @@ def open_blackbox(spec: str, answer: str | None = None, topk: int = 2, device: s
     if match is None or Path(spec).exists():
         return BACKENDS.get("file").from_spec(f"file:{spec}", **options)
     scheme = match.group(1).lower()
+    if scheme in ("http", "https"):
+        options.update({name: value for name, value in remote.items() if value is not None})
     if scheme not in BACKENDS:
         known = ", ".join(f"{name}:" for name in BACKENDS.names()) or "(none)"
         raise CorteError(f"unknown black-box scheme {scheme!r} in {spec!r}; known schemes: {known}")

@@ -12,6 +12,7 @@ only the batches in flight: every finished batch is one renamed file, and a reru
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import os
@@ -24,7 +25,7 @@ import numpy as np
 
 from ..errors import ConfigError, CorteError
 from .protocol import BlackBox, open_blackbox
-from .store import LabelStoreWriter, answer_rows, label_store_meta
+from .store import MANIFEST_SUFFIX, LabelStoreWriter, answer_rows, label_store_meta
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,8 @@ OBJECT_STORE_BYTES = 512 * 1024**2
 
 
 # ------------------------------------------------------------------------------------------ the stages
-def make_decoder(reader, resize: tuple[int, int] | None) -> Callable[[dict[str, np.ndarray]], dict[str, Any]]:
+def make_decoder(reader, resize: tuple[int, int] | None,
+                 skip_bad: bool = False) -> Callable[[dict[str, np.ndarray]], dict[str, Any]]:
     """The read task's function: {key, path} rows -> {key, image}, images HxWx3 uint8 (resized to `resize`).
 
     `reader` is the Dataset with its sample list emptied: its `read_image` is what a format may override (and
@@ -52,15 +54,25 @@ def make_decoder(reader, resize: tuple[int, int] | None) -> Callable[[dict[str, 
         # Absolute imports: a relative one would import corte_ray.blackbox, and torch with it.
         from corte_ray.data.datasets import Sample
         from corte_ray.data.transforms import resize_image
+        from corte_ray.errors import CorteError
 
-        images = []
+        images, keys = [], []
         for key, path in zip(batch["key"], batch["path"]):
-            img = reader.read_image(Sample(str(key), Path(str(path)), None))
+            try:
+                img = reader.read_image(Sample(str(key), Path(str(path)), None))
+            except CorteError as exc:
+                if not skip_bad:
+                    raise
+                logging.getLogger(__name__).warning("skipped %s", exc)  # the driver counts what is missing
+                continue
+            keys.append(str(key))
             images.append(resize_image(img, resize) if resize is not None else img)
+        if not images:
+            return {"key": np.asarray([], dtype=object), "image": np.zeros((0, 1, 1, 3), np.uint8)}
         same_size = all(img.shape == images[0].shape for img in images)
         # One stacked array when the sizes agree (the usual case); a list otherwise, which Ray keeps as a
         # variable-shaped tensor column and BoxLabeller queries size by size.
-        return {"key": np.asarray(batch["key"]), "image": np.stack(images) if same_size else images}
+        return {"key": np.asarray(keys), "image": np.stack(images) if same_size else images}
 
     return decode_batch
 
@@ -71,7 +83,7 @@ class BoxLabeller:
     as ONE atomic part of the store. Returns one small stats row per batch."""
 
     def __init__(self, box_spec: str, answer: str | None, topk: int, device: str, batch_size: int,
-                 store_dir: str, meta: dict, threads: int | None = None) -> None:
+                 store_dir: str, meta: dict, threads: int | None = None, box_options: dict | None = None) -> None:
         import torch
 
         started = time.perf_counter()
@@ -80,7 +92,7 @@ class BoxLabeller:
             # want the box to use more.
             torch.set_num_threads(threads)
         self.box: BlackBox | None = open_blackbox(box_spec, answer=answer, topk=topk, device=device,
-                                                  batch_size=batch_size)
+                                                  batch_size=batch_size, **(box_options or {}))
         if self.box.answer_kind != meta["box_answer"] or self.box.num_classes != meta["num_classes"]:
             raise CorteError(f"black box {box_spec} answers {self.box.answer_kind} over {self.box.num_classes} "
                              f"classes in this actor but {meta['box_answer']} over {meta['num_classes']} on the "
@@ -88,7 +100,20 @@ class BoxLabeller:
         # The driver wrote meta.json; this writer only checks it and adds parts.
         self.writer = LabelStoreWriter(store_dir, meta)
         self.k = topk
+        self._stored: set[str] = set()      # keys in the parts' manifests, read once per manifest
+        self._manifests_read: set[str] = set()
         log.info("labelling actor ready in %.1f s: %s on %s", time.perf_counter() - started, self.box.name, device)
+
+    def _stored_keys(self) -> set[str]:
+        """Keys already in a part: those of a batch Ray re-runs after an actor died having written its part."""
+        for name in os.listdir(self.writer.parts):
+            if name.endswith(MANIFEST_SUFFIX) and name not in self._manifests_read:
+                try:
+                    self._stored.update(json.loads((self.writer.parts / name).read_text())["keys"])
+                    self._manifests_read.add(name)
+                except (OSError, ValueError, KeyError):
+                    continue
+        return self._stored
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, np.ndarray]:
         keys = [str(k) for k in batch["key"]]
@@ -96,8 +121,15 @@ class BoxLabeller:
         retries0, failures0 = backend_counters(self.box)
         start = time.perf_counter()
         rows: list[dict] = []
+        stored = self._stored_keys()
+        fresh = [i for i, key in enumerate(keys) if key not in stored]
+        if len(fresh) < len(keys):
+            # Never query (or store) an image twice: a re-run batch costs the missing images only.
+            images = [np.asarray(images[i]) for i in fresh]
+            images = np.stack(images) if images and all(im.shape == images[0].shape for im in images) else images
         dense = isinstance(images, np.ndarray) and images.dtype != object  # one size: a single group
-        for idx in _same_size_groups(images):
+        keys_in_batch, keys = keys, [keys[i] for i in fresh]
+        for idx in _same_size_groups(images) if keys else []:
             group = images if dense else np.stack([np.asarray(images[i]) for i in idx])
             if not group.flags.writeable:  # Ray hands zero-copy read-only views; torch.from_numpy warns on them
                 group = group.copy()
@@ -107,8 +139,9 @@ class BoxLabeller:
         part = self.writer.write_part(rows)
         retries1, failures1 = backend_counters(self.box)
         return {
-            "keys": np.array(["\n".join(keys)]),
-            "num_images": np.array([len(keys)], dtype=np.int64),
+            "keys": np.array(["\n".join(keys_in_batch)]),
+            "num_images": np.array([len(keys_in_batch)], dtype=np.int64),
+            "queried": np.array([len(keys)], dtype=np.int64),
             "part_bytes": np.array([part.stat().st_size if part else 0], dtype=np.int64),
             "query_seconds": np.array([query_s]),
             "retries": np.array([retries1 - retries0], dtype=np.int64),
@@ -197,7 +230,7 @@ def label_dataset_ray(dataset, box_spec: str, store_dir: str | Path, resize: tup
                       answer: str | None = "probs", topk: int = 2, batch_size: int = 8, num_actors: int = 1,
                       num_gpus_per_actor: float = 0.0, cpus_per_actor: float = 1.0, overwrite: bool = False,
                       budget: int | None = None, device: str = "auto", threads_per_actor: int | None = None,
-                      log_every_s: float = 5.0) -> dict:
+                      log_every_s: float = 5.0, box_options: dict | None = None, skip_bad: bool = False) -> dict:
     """Label every image of `dataset` not yet in the store at `store_dir` with the box `box_spec`, on Ray Data.
 
     One part per batch of `batch_size` images, written by the actor that queried it; `num_actors` actors,
@@ -215,7 +248,9 @@ def label_dataset_ray(dataset, box_spec: str, store_dir: str | Path, resize: tup
     start = time.perf_counter()
     # The store's meta needs the box's identity (answer kind, classes, name) before any actor exists: open it
     # once here on the CPU, without querying it.
-    with open_blackbox(box_spec, answer=answer, topk=topk, device="cpu", batch_size=batch_size) as probe:
+    box_options = box_options or {}
+    with open_blackbox(box_spec, answer=answer, topk=topk, device="cpu", batch_size=batch_size,
+                       **box_options) as probe:
         meta = label_store_meta(probe, dataset, resize, topk)
     writer = LabelStoreWriter(store_dir, meta, overwrite=overwrite)
     done = writer.done_keys()
@@ -228,7 +263,8 @@ def label_dataset_ray(dataset, box_spec: str, store_dir: str | Path, resize: tup
     if skipped:
         log.info("label store %s already holds %d of the %d images; labelling the %d missing", store_dir,
                  skipped, len(dataset.samples), len(todo) + remaining)
-    run = {"labelled": 0, "skipped": skipped, "remaining": remaining, "retries": 0, "failures": 0, "duplicates": 0,
+    run = {"labelled": 0, "skipped": skipped, "remaining": remaining, "skipped_bad": 0,
+           "damaged_parts": len(writer.damaged), "retries": 0, "failures": 0, "duplicates": 0,
            "query_seconds": 0.0, "bytes_written": 0, "ray_init_seconds": 0.0, "first_batch_seconds": None,
            "steady_images_per_s": None}
     if todo:
@@ -249,7 +285,9 @@ def label_dataset_ray(dataset, box_spec: str, store_dir: str | Path, resize: tup
         try:
             _run_pipeline(dataset, todo, box_spec, str(store_dir), meta, resize, answer, topk, batch_size,
                           num_actors, num_gpus_per_actor, cpus_per_actor, actor_device, threads_per_actor,
-                          budget, log_every_s, run)
+                          budget, log_every_s, run, box_options, skip_bad)
+            if skip_bad:
+                run["skipped_bad"] = len(todo) - run["labelled"]
         finally:
             if connected:
                 import ray
@@ -273,7 +311,8 @@ def label_dataset_ray(dataset, box_spec: str, store_dir: str | Path, resize: tup
 
 def _run_pipeline(dataset, todo, box_spec: str, store_dir: str, meta: dict, resize, answer, topk: int,
                   batch_size: int, num_actors: int, num_gpus_per_actor: float, cpus_per_actor: float,
-                  device: str, threads: int | None, budget: int | None, log_every_s: float, run: dict) -> None:
+                  device: str, threads: int | None, budget: int | None, log_every_s: float, run: dict,
+                  box_options: dict, skip_bad: bool) -> None:
     """Build the Ray Data pipeline over `todo` and drain its stats stream, logging progress into `run`."""
     import ray
 
@@ -282,21 +321,22 @@ def _run_pipeline(dataset, todo, box_spec: str, store_dir: str, meta: dict, resi
     # One block per batch: every read task decodes exactly one batch, and the actor pool sees batches as soon
     # as they are decoded.
     ds = ray.data.from_items(items, override_num_blocks=math.ceil(len(items) / batch_size))
-    ds = ds.map_batches(make_decoder(reader, tuple(resize) if resize else None), batch_size=batch_size,
+    ds = ds.map_batches(make_decoder(reader, tuple(resize) if resize else None, skip_bad), batch_size=batch_size,
                         batch_format="numpy", num_cpus=READ_TASK_CPUS)
     ds = ds.map_batches(
         BoxLabeller, batch_size=batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=num_actors),
         num_cpus=cpus_per_actor,
         num_gpus=num_gpus_per_actor if num_gpus_per_actor > 0 else None,
         fn_constructor_kwargs={"box_spec": box_spec, "answer": answer, "topk": topk, "device": device,
-                               "batch_size": batch_size, "store_dir": store_dir, "meta": meta, "threads": threads})
+                               "batch_size": batch_size, "store_dir": store_dir, "meta": meta, "threads": threads,
+                               "box_options": box_options})
     total = len(items)
     t0 = last_log = time.perf_counter()
     finished: list[tuple[float, int]] = []
     labelled_keys: set[str] = set()
     try:
         for stats in ds.iter_rows():
-            batch_keys = str(stats["keys"]).split("\n")
+            batch_keys = [key for key in str(stats["keys"]).split("\n") if key]
             # A key seen twice is a batch Ray re-ran after its actor died: its part is in the store twice,
             # which every reader of the store deduplicates (first part wins); counted, not an error.
             run["duplicates"] += sum(key in labelled_keys for key in batch_keys)

@@ -1,25 +1,34 @@
 """The pseudo-label store: what the black box answered for every target image, queried once, kept forever.
 
 Layout of a store directory:
-    meta.json         what was labelled how: answer kind, k, num_classes, box, dataset, image size
-    parts/*.parquet   one row per image, written atomically part by part (a killed job loses at most the part
-                      it was writing; a rerun labels only keys not yet in any part)
-    thresholds.json   per-class relative-confidence statistics over the whole store and tau_c (METHODS 1.1)
+    meta.json              what was labelled how: answer kind, k, num_classes, box, dataset, split, image size;
+                           a store refuses to add rows made any other way (it would mix two label sets)
+    parts/*.parquet        one row per image, written atomically part by part (a killed job loses at most the
+                           part it was writing; a rerun labels only keys not yet in any part)
+    parts/*.parquet.json   the part's manifest: its keys, row count, size and sha256, written atomically right
+                           after the part. A part whose bytes no longer match (a flipped byte, a truncated
+                           copy) is damaged: readers refuse the store naming the part, and the next `label` run
+                           moves it to damaged/ and relabels its keys. A part without a manifest (a store of
+                           format 1, or a kill between the two renames) is adopted when it reads back whole.
+    thresholds.json        per-class relative-confidence statistics over the whole store and tau_c (METHODS 1.1)
 
 Row: key, height, width, topk_ids (k*H*W uint8), topk_probs (k*H*W uint8, p quantised to round(255 p)) or
 hard (H*W uint8) for a hard-label box, and the image's per-class rc sums and pixel counts, so thresholds
-are a sum over rows (exact under sharding, resuming and several writers). The statistics are computed from
-the quantised probabilities, i.e. exactly what training later reads.
+are a sum over rows (exact under sharding, resuming and several writers, and over any subset of keys: training
+computes its thresholds over the split it trains on). The statistics are computed from the quantised
+probabilities, i.e. exactly what training later reads.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -29,7 +38,11 @@ from ..errors import InputError
 from ..io_utils import write_atomic, write_json_atomic
 
 log = logging.getLogger(__name__)
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+MANIFEST_SUFFIX = ".json"
+DAMAGED_DIR = "damaged"
+# What a store was made with: rows made any other way may not join it.
+IDENTITY_FIELDS = ("answer_kind", "k", "num_classes", "blackbox", "dataset", "split", "resize")
 _SCHEMA = pa.schema([
     ("key", pa.string()), ("height", pa.int32()), ("width", pa.int32()),
     ("topk_ids", pa.binary()), ("topk_probs", pa.binary()), ("hard", pa.binary()),
@@ -45,9 +58,10 @@ def dequantise(q: np.ndarray) -> np.ndarray:
     return q.astype(np.float32) / 255.0
 
 
-def encode_answer(key: str, kind: str, num_classes: int, top_ids: np.ndarray | None = None,
+def encode_store_row(key: str, kind: str, num_classes: int, top_ids: np.ndarray | None = None,
                   top_probs: np.ndarray | None = None, hard: np.ndarray | None = None) -> dict:
-    """One store row from one image's answer: top_ids/top_probs (k,H,W) sorted desc, or hard (H,W)."""
+    """One store row from one image's answer: top_ids/top_probs (k,H,W) sorted desc, or hard (H,W). (The wire
+    format's encoder is `http.encode_wire_answer`.)"""
     if kind == "hard":
         hard = np.asarray(hard, dtype=np.uint8)
         h, w = hard.shape
@@ -73,32 +87,121 @@ class BoxLabels:
     rc: np.ndarray | None       # (H,W) float32, None for a hard-label box
 
 
-class LabelStoreWriter:
-    """Appends atomic Parquet parts; knows which keys are already done so a rerun never queries twice."""
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
-    def __init__(self, root: str | Path, meta: dict, overwrite: bool = False) -> None:
+
+def _manifest_path(part: Path) -> Path:
+    return part.with_name(part.name + MANIFEST_SUFFIX)
+
+
+def _manifest_of(part: Path) -> dict:
+    """The manifest of a part file as it is on disk now (reads the whole part)."""
+    keys = pq.read_table(part, columns=["key"]).column("key").to_pylist()
+    return {"part": part.name, "rows": len(keys), "bytes": part.stat().st_size, "sha256": _sha256(part),
+            "keys": keys}
+
+
+@dataclass
+class PartCheck:
+    """One part of a store as found on disk: healthy (with its keys) or damaged (with why)."""
+
+    path: Path
+    keys: list[str]
+    problem: str | None = None   # None: healthy
+
+
+def check_parts(root: str | Path, adopt: bool = False) -> list[PartCheck]:
+    """Every part of the store at `root`, verified against its manifest (size and sha256). A part without a
+    manifest is read back whole: readable, it is healthy (and with `adopt` its manifest is written now)."""
+    parts_dir = Path(root) / "parts"
+    checks = []
+    for part in sorted(parts_dir.glob("*.parquet")):
+        manifest_path = _manifest_path(part)
+        manifest = None
+        if manifest_path.exists():
+            try:
+                manifest = json.loads(manifest_path.read_text())
+                keys = list(manifest["keys"])
+            except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+                manifest = None   # a torn manifest says nothing; judge the part by reading it
+        if manifest is not None:
+            size = part.stat().st_size
+            if size != manifest.get("bytes"):
+                checks.append(PartCheck(part, keys, f"{size} bytes where its manifest says {manifest.get('bytes')} "
+                                                    "(truncated or overwritten)"))
+            elif _sha256(part) != manifest.get("sha256"):
+                checks.append(PartCheck(part, keys, "its sha256 does not match its manifest (bytes changed)"))
+            else:
+                checks.append(PartCheck(part, keys))
+            continue
+        try:
+            found = _manifest_of(part)
+            pq.read_table(part)   # every column, not only the keys
+        except Exception as err:  # noqa: BLE001 - pyarrow raises several types for a damaged file
+            checks.append(PartCheck(part, [], f"unreadable Parquet ({type(err).__name__}: "
+                                              f"{str(err).splitlines()[0][:120] if str(err) else ''})"))
+            continue
+        if adopt:
+            write_json_atomic(manifest_path, found)
+        checks.append(PartCheck(part, found["keys"]))
+    return checks
+
+
+def _damage_message(check: PartCheck, root: Path) -> str:
+    known = f"its {len(check.keys)} images" if check.keys else "its images"
+    return (f"damaged label-store part: {check.problem}; run `corte-ray label` again on this store ({root}): it "
+            f"moves the part to {DAMAGED_DIR}/ and relabels {known}")
+
+
+class LabelStoreWriter:
+    """Appends atomic Parquet parts (each with its manifest); knows which keys are already done so a rerun
+    never queries twice, and moves damaged parts aside so their keys are labelled again."""
+
+    def __init__(self, root: str | Path, meta: dict, overwrite: bool = False, check: bool = True) -> None:
         self.root = Path(root)
         self.parts = self.root / "parts"
         if overwrite and self.root.exists():
-            for p in list(self.parts.glob("*.parquet")) + [self.root / "thresholds.json", self.root / "meta.json"]:
+            for p in list(self.parts.glob("*.parquet*")) + [self.root / "thresholds.json", self.root / "meta.json"]:
                 p.unlink(missing_ok=True)
-        self.parts.mkdir(parents=True, exist_ok=True)
+        try:
+            self.parts.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise InputError(self.root, f"cannot create the label store here ({err.strerror})") from None
         meta = {"format_version": FORMAT_VERSION, **meta}
         meta_path = self.root / "meta.json"
         if meta_path.exists():
-            old = json.loads(meta_path.read_text())
-            for field in ("answer_kind", "k", "num_classes"):
-                if old.get(field) != meta.get(field):
-                    raise InputError(meta_path, f"existing store has {field}={old.get(field)!r}, this job "
-                                                f"{meta.get(field)!r}; use --overwrite to relabel")
+            old = _read_meta(meta_path)
+            for field in IDENTITY_FIELDS:
+                if field in old and field in meta and old[field] != meta[field]:
+                    raise InputError(meta_path, f"existing store has {field}={old[field]!r}, this job "
+                                                f"{meta[field]!r}; a store holds one labelling; use --overwrite "
+                                                "to relabel, or another --out")
+            meta = {**old, **{k: v for k, v in meta.items() if k not in old}}
         else:
             write_json_atomic(meta_path, meta)
         self.meta = meta
+        self.damaged: list[Path] = []
 
     def done_keys(self) -> set[str]:
+        """Keys in healthy parts. Damaged parts are reported (one line each) and moved to damaged/, so that
+        their keys count as not done and are labelled again."""
         keys: set[str] = set()
-        for part in sorted(self.parts.glob("*.parquet")):
-            keys.update(pq.read_table(part, columns=["key"]).column("key").to_pylist())
+        for check in check_parts(self.root, adopt=True):
+            if check.problem is None:
+                keys.update(check.keys)
+                continue
+            target = self.root / DAMAGED_DIR / check.path.name
+            target.parent.mkdir(exist_ok=True)
+            os.replace(check.path, target)
+            _manifest_path(check.path).unlink(missing_ok=True)
+            self.damaged.append(target)
+            log.warning("%s: damaged (%s); moved to %s, its %s relabelled", check.path, check.problem, target,
+                        f"{len(check.keys)} images are" if check.keys else "images are")
         return keys
 
     def write_part(self, rows: Sequence[dict]) -> Path | None:
@@ -117,28 +220,66 @@ class LabelStoreWriter:
         # A unique name per part lets several writers (Ray Data tasks) add parts without coordination.
         path = self.parts / f"part-{uuid.uuid4().hex}.parquet"
         write_atomic(path, lambda tmp: pq.write_table(table, tmp, compression="zstd", row_group_size=4))
+        manifest = {"part": path.name, "rows": len(rows), "bytes": path.stat().st_size, "sha256": _sha256(path),
+                    "keys": [row["key"] for row in rows]}
+        write_json_atomic(_manifest_path(path), manifest)
         return path
 
-    def finalize(self) -> dict:
+    def finalize(self, keys: Iterable[str] | None = None) -> dict:
         """Write thresholds.json from every part (duplicate keys, e.g. from a retried task, count once)."""
-        return write_thresholds(self.root, int(self.meta["num_classes"]))
+        return write_thresholds(self.root, int(self.meta["num_classes"]), keys=keys)
 
 
-def write_thresholds(root: str | Path, num_classes: int) -> dict:
-    root = Path(root)
+def known_keys(root: str | Path) -> set[str]:
+    """Keys listed in the manifests of the store's parts (cheap: no Parquet is read); parts without a
+    manifest are not counted."""
+    keys: set[str] = set()
+    for manifest in (Path(root) / "parts").glob("*.parquet" + MANIFEST_SUFFIX):
+        try:
+            keys.update(json.loads(manifest.read_text())["keys"])
+        except (OSError, ValueError, KeyError):
+            continue
+    return keys
+
+
+def _read_meta(path: Path) -> dict:
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise InputError(path, f"unreadable label-store metadata ({type(err).__name__}); relabel with --overwrite") \
+            from None
+    if not isinstance(meta, dict) or "answer_kind" not in meta or "num_classes" not in meta:
+        raise InputError(path, "not label-store metadata (no answer_kind/num_classes)")
+    return meta
+
+
+def _sum_stats(root: Path, num_classes: int, parts: Sequence[Path], keys: Iterable[str] | None):
+    """(per-class rc sums, pixel counts, images) over the rows of `parts` whose key is in `keys` (all: None),
+    each key once (first part wins, as for reads)."""
+    wanted = None if keys is None else set(keys)
     sums = np.zeros(num_classes, dtype=np.float64)
     counts = np.zeros(num_classes, dtype=np.int64)
     seen: set[str] = set()
-    images = 0
-    for part in sorted((root / "parts").glob("*.parquet")):
-        table = pq.read_table(part, columns=["key", "rc_sum", "rc_count"]).to_pydict()
+    for part in parts:
+        try:
+            table = pq.read_table(part, columns=["key", "rc_sum", "rc_count"]).to_pydict()
+        except Exception as err:  # noqa: BLE001
+            raise InputError(part, f"damaged label-store part ({type(err).__name__}); run `corte-ray label` "
+                                   f"again on {root} to relabel it") from None
         for key, s, c in zip(table["key"], table["rc_sum"], table["rc_count"]):
-            if key in seen:
+            if key in seen or (wanted is not None and key not in wanted):
                 continue
             seen.add(key)
-            images += 1
             sums += np.asarray(s, dtype=np.float64)
             counts += np.asarray(c, dtype=np.int64)
+    return sums, counts, len(seen)
+
+
+def write_thresholds(root: str | Path, num_classes: int, keys: Iterable[str] | None = None) -> dict:
+    from ..methods.pseudo_labels import thresholds_from_stats
+
+    root = Path(root)
+    sums, counts, images = _sum_stats(root, num_classes, sorted((root / "parts").glob("*.parquet")), keys)
     with np.errstate(invalid="ignore", divide="ignore"):
         mean = np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
     doc = {
@@ -147,30 +288,41 @@ def write_thresholds(root: str | Path, num_classes: int) -> dict:
         "class_mean_rc": [None if np.isnan(m) else float(m) for m in mean],
         "class_pixels": counts.tolist(),
         # tau_c at alpha = 1; training scales by corte.rc_scale, so Tune can vary alpha without relabelling.
-        "tau": [1.0 if np.isnan(m) else float(m) for m in mean],
+        "tau": thresholds_from_stats(sums, counts, alpha=1.0).tolist(),
     }
     write_json_atomic(root / "thresholds.json", doc)
     return doc
 
 
 class LabelStore:
-    """Reads a finished store: random access by image key."""
+    """Reads a finished store: random access by image key. Refuses, naming the part, a store with a damaged
+    part (checked against the manifests when opened)."""
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
         meta_path = self.root / "meta.json"
         if not meta_path.exists():
             raise InputError(self.root, "not a label store (no meta.json); write one with `corte-ray label`")
-        self.meta = json.loads(meta_path.read_text())
+        self.meta = _read_meta(meta_path)
         self.kind: str = self.meta["answer_kind"]
         self.num_classes: int = int(self.meta["num_classes"])
         self._index: dict[str, tuple[Path, int, int]] = {}
-        for part in sorted((self.root / "parts").glob("*.parquet")):
-            f = pq.ParquetFile(part)
-            for rg in range(f.num_row_groups):
-                keys = f.read_row_group(rg, columns=["key"]).column("key").to_pylist()
-                for i, key in enumerate(keys):
-                    self._index.setdefault(key, (part, rg, i))
+        self._rows = 0
+        self._parts: list[Path] = []
+        for check in check_parts(self.root):
+            if check.problem is not None:
+                raise InputError(check.path, _damage_message(check, self.root))
+            try:
+                f = pq.ParquetFile(check.path)
+                for rg in range(f.num_row_groups):
+                    keys = f.read_row_group(rg, columns=["key"]).column("key").to_pylist()
+                    for i, key in enumerate(keys):
+                        self._rows += 1
+                        self._index.setdefault(key, (check.path, rg, i))
+            except Exception as err:  # noqa: BLE001 - pyarrow raises several types for a damaged file
+                raise InputError(check.path, _damage_message(
+                    PartCheck(check.path, check.keys, f"unreadable ({type(err).__name__})"), self.root)) from None
+            self._parts.append(check.path)
         self._cache: tuple[tuple[Path, int], dict] | None = None
 
     def __len__(self) -> int:
@@ -182,8 +334,17 @@ class LabelStore:
     def keys(self) -> list[str]:
         return sorted(self._index)
 
-    def class_mean_rc(self) -> np.ndarray:
-        """Per-class mean relative confidence (nan for never-predicted classes) from thresholds.json."""
+    def row_count(self) -> int:
+        """Rows in all parts, duplicates included (a key answered twice is two rows)."""
+        return self._rows
+
+    def class_mean_rc(self, keys: Iterable[str] | None = None) -> np.ndarray:
+        """Per-class mean relative confidence (nan for never-predicted classes): over the images `keys` (the
+        split being trained on) from the rows' own statistics, or over the whole store from thresholds.json."""
+        if keys is not None:
+            sums, counts, _ = _sum_stats(self.root, self.num_classes, self._parts, keys)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                return np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
         path = self.root / "thresholds.json"
         if not path.exists():
             raise InputError(path, "missing: the labelling job did not finish; rerun it to complete the store")
@@ -197,7 +358,11 @@ class LabelStore:
             raise InputError(self.root, f"no labels for image {key!r} in the store; rerun `corte-ray label` "
                                         "on this dataset to add it") from None
         if self._cache is None or self._cache[0] != (part, rg):
-            self._cache = ((part, rg), pq.ParquetFile(part).read_row_group(rg).to_pydict())
+            try:
+                self._cache = ((part, rg), pq.ParquetFile(part).read_row_group(rg).to_pydict())
+            except Exception as err:  # noqa: BLE001 - changed on disk since it was opened
+                raise InputError(part, _damage_message(PartCheck(part, [], f"unreadable ({type(err).__name__})"),
+                                                       self.root)) from None
         row = {k: v[i] for k, v in self._cache[1].items()}
         h, w = row["height"], row["width"]
         if self.kind == "hard":
@@ -214,12 +379,12 @@ def answer_rows(answer, keys: Sequence[str], k: int) -> list[dict]:
     if answer.kind == "hard":
         hard = answer.hard.cpu().numpy()
         for i, key in enumerate(keys):
-            rows.append(encode_answer(key, "hard", answer.num_classes, hard=hard[i]))
+            rows.append(encode_store_row(key, "hard", answer.num_classes, hard=hard[i]))
         return rows
     a = answer if answer.kind == "topk" else answer.to_topk(k)
     ids, probs = a.topk_ids.cpu().numpy(), a.topk_probs.float().cpu().numpy()
     for i, key in enumerate(keys):
-        rows.append(encode_answer(key, "topk", answer.num_classes, top_ids=ids[i], top_probs=probs[i]))
+        rows.append(encode_store_row(key, "topk", answer.num_classes, top_ids=ids[i], top_probs=probs[i]))
     return rows
 
 
@@ -234,13 +399,17 @@ def label_store_meta(box, dataset, resize: tuple[int, int] | None, k: int) -> di
 
 
 def label_dataset_local(dataset, box, store_dir: str | Path, resize: tuple[int, int] | None = None,
-                        batch_size: int = 8, part_size: int = 64, overwrite: bool = False, k: int = 2) -> dict:
+                        batch_size: int = 8, overwrite: bool = False, k: int = 2, skip_bad: bool = False) -> dict:
     """Label every image of `dataset` with `box` in this process (no Ray) and write the store.
 
-    Skips keys already in the store (resume), writes a part every `part_size` images, finalises the thresholds.
-    Returns the thresholds document.
+    Skips keys already in the store (resume) and writes one part per batch of `batch_size` images, so a kill or
+    a bad image loses at most the batch in flight (answers already paid for are on disk). With `skip_bad` an
+    unreadable image is logged, skipped and counted instead of stopping the job. Finalises the thresholds and
+    returns their document, with the run's counts under "run": labelled, skipped (already in the store),
+    skipped_bad, damaged_parts (moved aside and relabelled).
     """
     from ..data.transforms import resize_image
+    from ..errors import CorteError
     from ..log import progress
 
     writer = LabelStoreWriter(store_dir, label_store_meta(box, dataset, resize, k), overwrite=overwrite)
@@ -248,19 +417,28 @@ def label_dataset_local(dataset, box, store_dir: str | Path, resize: tuple[int, 
     todo = [s for s in dataset.samples if s.key not in done]
     if done:
         log.info("label store %s already holds %d images; labelling the %d missing", store_dir, len(done), len(todo))
-    rows: list[dict] = []
+    run = {"labelled": 0, "skipped": len(dataset.samples) - len(todo), "skipped_bad": 0,
+           "damaged_parts": len(writer.damaged)}
     batch_imgs: list[np.ndarray] = []
     batch_keys: list[str] = []
 
     def flush_batch() -> None:
         if batch_imgs:
             answer = box.query(np.stack(batch_imgs))
-            rows.extend(answer_rows(answer, batch_keys, k))
+            writer.write_part(answer_rows(answer, batch_keys, k))
+            run["labelled"] += len(batch_keys)
             batch_imgs.clear()
             batch_keys.clear()
 
     for sample in progress(todo, desc="label", unit="img"):
-        img = dataset.read_image(sample)
+        try:
+            img = dataset.read_image(sample)
+        except CorteError as exc:
+            if not skip_bad:
+                raise
+            run["skipped_bad"] += 1
+            log.warning("skipped %s", exc)
+            continue
         if resize is not None:
             img = resize_image(img, resize)
         if batch_imgs and img.shape != batch_imgs[0].shape:
@@ -269,9 +447,8 @@ def label_dataset_local(dataset, box, store_dir: str | Path, resize: tuple[int, 
         batch_keys.append(sample.key)
         if len(batch_imgs) >= batch_size:
             flush_batch()
-        if len(rows) >= part_size:
-            writer.write_part(rows)
-            rows = []
     flush_batch()
-    writer.write_part(rows)
-    return writer.finalize()
+    if run["skipped_bad"]:
+        log.warning("skipped %d of %d images (--skip-bad); they are not in the store", run["skipped_bad"],
+                    len(todo))
+    return {**writer.finalize(), "run": run}

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
-IGNORE_INDEX = 255
+from ..data.labels import IGNORE as IGNORE_INDEX  # noqa: E402 - the one ignore index (255)
 
 
 def per_class_sum_count(values: Tensor, classes: Tensor, num_classes: int) -> tuple[Tensor, Tensor]:
@@ -94,8 +95,7 @@ class ClassConfidenceStats:
 
     def thresholds(self, alpha: float = 1.0) -> Tensor:
         """tau_c = alpha * mean_c (float64); a class never predicted gets 1.0, so nothing of it is kept."""
-        tau = alpha * self.mean()
-        return torch.where(self.counts > 0, tau, torch.ones_like(tau))
+        return thresholds_from_stats(self.sums, self.counts, alpha)
 
     def to_dict(self) -> dict[str, Any]:
         # Python floats round-trip float64 exactly through JSON.
@@ -109,6 +109,25 @@ class ClassConfidenceStats:
         stats.sums = torch.tensor(d["sums"], dtype=torch.float64)
         stats.counts = torch.tensor(d["counts"], dtype=torch.int64)
         return stats
+
+
+def thresholds_from_stats(sums, counts, alpha: float = 1.0):
+    """The R2CP threshold rule, in one place: tau_c = alpha * sum_c / count_c, and 1.0 for a class never
+    predicted (count 0), so nothing of it is kept. Takes and returns numpy arrays or tensors (float64).
+
+    Used by the labelling job (thresholds.json), the label store and the methods (the box thresholds)."""
+    if torch.is_tensor(sums):
+        counts = torch.as_tensor(counts, device=sums.device)
+        mean = sums.to(torch.float64) / counts.clamp(min=1).to(torch.float64)
+        return torch.where(counts > 0, alpha * mean, torch.ones_like(mean))
+    sums, counts = np.asarray(sums, dtype=np.float64), np.asarray(counts)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(counts > 0, alpha * sums / np.maximum(counts, 1), 1.0)
+
+
+def thresholds_from_means(means: Tensor, alpha: float = 1.0) -> Tensor:
+    """The same rule from per-class means (nan = never predicted), as the label store gives them."""
+    return torch.where(torch.isnan(means), torch.ones_like(means), alpha * means)
 
 
 def class_thresholds(rc: Tensor, top1: Tensor, num_classes: int, alpha: float = 1.0) -> Tensor:

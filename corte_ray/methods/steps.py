@@ -27,11 +27,11 @@ from ..config import Config
 from ..registry import Registry
 from .losses import pixel_weighted_cross_entropy, quality_weights, reliability_weighted_cross_entropy
 from .mixing import classmix_batch, classmix_mask, mocm_mask
-from .pseudo_labels import confidence_threshold_labels, r2cp_labels, relative_confidence
+from .pseudo_labels import confidence_threshold_labels, r2cp_labels, relative_confidence, thresholds_from_means
 from .refine import TeacherThresholds, label_diagnostics, refine_labels
 from .views import strong_view, weak_view
 
-IGNORE = 255
+from ..data.labels import IGNORE  # noqa: E402 - the one ignore index (255)
 METHODS: Registry[type["Method"]] = Registry("method")
 # Sums a tensor over all workers in place (torch.distributed.all_reduce under DDP); identity in one process.
 Reducer = Callable[[Tensor], Tensor]
@@ -71,7 +71,7 @@ class Method:
         # a class the box never predicted keeps tau = 1 (nothing kept). Means come from the label store.
         if box_class_means is not None:
             means = box_class_means.to(device=device, dtype=torch.float32)
-            self.box_thresholds = torch.where(torch.isnan(means), torch.ones_like(means), cfg.corte.rc_scale * means)
+            self.box_thresholds = thresholds_from_means(means, cfg.corte.rc_scale)
         else:
             self.box_thresholds = None
         self.teacher_thresholds = TeacherThresholds(self.num_classes, cfg.ema.threshold_momentum, device=device)

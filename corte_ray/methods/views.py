@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..data.transforms import nearest_index
+
 # ITU-R 601 luma, the weights torchvision's rgb_to_grayscale uses.
 _LUMA = (0.299, 0.587, 0.114)
 
@@ -25,13 +27,8 @@ def _uniform(shape: tuple[int, ...], generator: torch.Generator | None, device: 
 
 
 def _nearest_index(out_size: int, in_size: int, device: torch.device) -> Tensor:
-    """Source index of each output pixel for a nearest resize, pixel centres aligned.
-
-    The same geometry as bilinear with align_corners=False (PyTorch's 'nearest-exact'), so that a
-    resized label sits under the resized image; plain 'nearest' is shifted by up to a pixel.
-    """
-    centres = (torch.arange(out_size, device=device, dtype=torch.float64) + 0.5) * (in_size / out_size)
-    return centres.floor().long().clamp(max=in_size - 1)
+    """`data.transforms.nearest_index` (pixel centres aligned) as a tensor on `device`."""
+    return torch.from_numpy(nearest_index(out_size, in_size)).to(device)
 
 
 def _resize_nearest(x: Tensor, size: tuple[int, int]) -> Tensor:

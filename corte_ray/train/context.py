@@ -14,19 +14,50 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from ..io_utils import write_atomic
+from ..io_utils import append_line, write_atomic
 
 log = logging.getLogger(__name__)
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, key: str = "train.device") -> torch.device:
+    """"auto" is the GPU when there is one, else the CPU; a CUDA device that is not there is a ConfigError
+    naming `key`. The one device rule of the package (the local black box uses it too)."""
+    from ..errors import ConfigError
+
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        from ..errors import ConfigError
+        raise ConfigError(f"{key}: {name} asked for, but no CUDA device is visible (use cpu or auto)")
+    try:
+        return torch.device(name)
+    except RuntimeError as err:
+        raise ConfigError(f"{key}: unknown device {name!r} ({err})") from None
 
-        raise ConfigError(f"train.device: {name} asked for, but no CUDA device is visible (use cpu or auto)")
-    return torch.device(name)
+
+def load_newest_intact(candidates: list[Path], device: torch.device) -> tuple[dict | None, Path | None]:
+    """(state, path) of the newest checkpoint file among `candidates` (newest first) that loads; a damaged one
+    (truncated, overwritten) is skipped with a warning naming it. (None, None) when there is none at all;
+    an InputError naming them when every one is damaged."""
+    from ..errors import InputError
+
+    skipped = []
+    for path in candidates:
+        try:
+            state = torch.load(path, map_location=device, weights_only=True)
+            if not isinstance(state, dict) or "step" not in state:
+                raise ValueError("not a corte-ray training checkpoint")
+        except Exception as exc:  # noqa: BLE001 - torch raises many types for a damaged file
+            skipped.append(path)
+            log.warning("%s: damaged checkpoint skipped (%s); trying the one before it", path,
+                        f"{type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}")
+            continue
+        if skipped:
+            log.warning("resuming from %s (skipped the damaged %s)", path, ", ".join(str(p) for p in skipped))
+        return state, path
+    if skipped:
+        raise InputError(skipped[0], f"damaged checkpoint, and so are the {len(skipped) - 1} older ones; "
+                                     "start the run again in another --out")
+    return None, None
 
 
 class LocalContext:
@@ -54,6 +85,9 @@ class LocalContext:
     def on_step(self, step: int) -> None:
         """Called after every optimiser step (the Ray engine's fault-injection hook)."""
 
+    def on_resumed(self, step: int, restored: dict) -> None:
+        """Called once a checkpoint is loaded, with what it restored (the Ray engine's test hook)."""
+
     def batches(self, data, cfg, start_step: int):
         from .loop import local_batches
 
@@ -64,11 +98,9 @@ class LocalContext:
         return ckpts[-1] if ckpts else None
 
     def load_latest_checkpoint(self, device: torch.device) -> tuple[dict | None, Path | None]:
-        """(state, path) of the newest checkpoint, loaded with weights_only=True; (None, None) for a fresh run."""
-        path = self.latest_checkpoint()
-        if path is None:
-            return None, None
-        return torch.load(path, map_location=device, weights_only=True), path
+        """(state, path) of the newest intact checkpoint, loaded with weights_only=True (damaged newer ones are
+        skipped, each named in a warning); (None, None) for a fresh run."""
+        return load_newest_intact(sorted(self.ckpt_root.glob("step_*/checkpoint.pt"), reverse=True), device)
 
     def save_checkpoint(self, state: dict, step: int, is_best: bool) -> Path:
         path = self.ckpt_root / f"step_{step:07d}" / "checkpoint.pt"
@@ -80,6 +112,5 @@ class LocalContext:
         return path
 
     def report(self, metrics: dict, checkpoint: Path | None = None) -> None:
-        line = json.dumps({k: v for k, v in metrics.items() if isinstance(v, (int, float, str))})
-        with open(self.run_dir / "metrics.jsonl", "a") as f:
-            f.write(line + "\n")
+        append_line(self.run_dir / "metrics.jsonl",
+                    json.dumps({k: v for k, v in metrics.items() if isinstance(v, (int, float, str))}))

@@ -27,7 +27,7 @@ from ..methods.steps import Models, build_method, METHODS
 from ..models import build_model
 
 log = logging.getLogger(__name__)
-IGNORE = 255
+from ..data.labels import IGNORE  # noqa: E402,F401 - the one ignore index (255)
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -336,7 +336,9 @@ def train(cfg: Config, ctx, store=None) -> TrainResult:
     opt = torch.optim.AdamW(student.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay)
     metric_opt = torch.optim.AdamW(metric_params, lr=cfg.stvm.metric_lr) if metric_params else None
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: poly_lr(s, tcfg.iterations, tcfg.lr_warmup))
-    means = torch.from_numpy(store.class_mean_rc()) if store is not None and method_cls.needs_box_labels else None
+    # tau_c over the split being trained on (its rows' own statistics), not over whatever else the store holds.
+    means = (torch.from_numpy(store.class_mean_rc(keys=[s.key for s in train_set.samples]))
+             if store is not None and method_cls.needs_box_labels else None)
     method = build_method(cfg, means, device, reduce=ctx.all_reduce_, seed=tcfg.seed * 1000 + ctx.rank)
     method.class_names = tuple(train_set.label_space.class_names)
     models = Models(student=wrapped, teacher=teacher, metric_head=metric_head, proxies=proxies)
@@ -409,6 +411,9 @@ def train(cfg: Config, ctx, store=None) -> TrainResult:
         torch.set_rng_state(torch_rng)
         step, best = int(state["step"]), float(state["best_miou"])
         log.info("resumed from %s at step %d", ckpt_path, step)
+        ctx.on_resumed(step, {"student": student.state_dict(), "method": method.state_dict(),
+                              "torch_rng": torch.get_rng_state(),
+                              **({"teacher": teacher.state_dict()} if teacher is not None else {})})
 
     if len(data) < cfg.data.batch_size:
         raise InputError(train_set.root, f"{len(data)} training images, fewer than data.batch_size="

@@ -73,12 +73,25 @@ class RayContext:
         """Load inside `as_directory()`: local storage is read in place, remote storage is downloaded to a
         directory of this process. (`to_directory()` copies into one temporary directory per checkpoint, shared
         by the ranks of a node: one rank could read while another was still writing it.)"""
+        from .context import load_newest_intact
+
         ckpt = ray.train.get_checkpoint()
         if ckpt is None:
             return None, None
         with ckpt.as_directory() as d:
-            path = Path(d) / CHECKPOINT_FILE
-            return torch.load(path, map_location=device, weights_only=True), Path(ckpt.path) / CHECKPOINT_FILE
+            state = _load_or_none(Path(d) / CHECKPOINT_FILE, device)
+        if state is not None:
+            return state, Path(ckpt.path) / CHECKPOINT_FILE
+        # The latest is damaged: fall back to the older ones Ray kept beside it (local storage), newest first.
+        log.warning("%s: damaged checkpoint skipped; trying the older ones", Path(ckpt.path) / CHECKPOINT_FILE)
+        older = sorted((p / CHECKPOINT_FILE for p in self.run_dir.glob("step_*")
+                        if p.name < Path(ckpt.path).name and (p / CHECKPOINT_FILE).is_file()), reverse=True)
+        state, path = load_newest_intact(older, device)
+        if state is None:
+            from ..errors import InputError
+
+            raise InputError(Path(ckpt.path) / CHECKPOINT_FILE, "damaged checkpoint and no older one to resume from")
+        return state, path
 
     def save_checkpoint(self, state: dict, step: int, is_best: bool) -> Path:
         # Rank 0 writes into a local temporary directory; `report` hands it to Ray Train, which persists it to
@@ -96,11 +109,18 @@ class RayContext:
         name = f"step_{int(metrics['step']):07d}" if ckpt else None
         ray.train.report(clean, checkpoint=ckpt, checkpoint_dir_name=name)
         if self.is_main:
-            with open(self.run_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(clean) + "\n")
+            from ..io_utils import append_line
+
+            append_line(self.run_dir / "metrics.jsonl", json.dumps(clean))
         if self._tmp:
             shutil.rmtree(self._tmp, ignore_errors=True)
             self._tmp = None
+
+    def on_resumed(self, step: int, restored: dict) -> None:
+        """Test hook: with fault["dump_resumed"], every rank saves what the checkpoint restored (models, the
+        method's state with its generator and teacher thresholds, the RNG), to compare with the checkpoint."""
+        if self.fault and self.fault.get("dump_resumed"):
+            torch.save({"step": step, **restored}, self.run_dir / f"resumed_rank{self.rank}.pt")
 
     def on_step(self, step: int) -> None:
         """Test hook: the named rank dies hard at the named step, once (a marker file remembers).
@@ -115,6 +135,15 @@ class RayContext:
             Path(f["marker"]).touch()
             log.warning("fault injection: rank %d exits at step %d", self.rank, step)
             os._exit(1)
+
+
+def _load_or_none(path: Path, device: torch.device) -> dict | None:
+    """The checkpoint at `path`, or None when it does not load (damaged: the caller falls back)."""
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+        return state if isinstance(state, dict) and "step" in state else None
+    except Exception:  # noqa: BLE001 - torch raises many types for a damaged file
+        return None
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
