@@ -116,6 +116,25 @@ def test_mocm_rarely_picks_an_unreliable_class():
     assert (masks.flatten(1).sum(1) == 2).all()
 
 
+def test_mocm_on_class_normalised_reliability_keeps_hard_classes_in_the_mix():
+    """STvM feeds MOCM the class-normalised reliability (docs/methods.md): a class the teacher is less sure of
+    everywhere (class 1) is no longer starved, and within a class the images where it is relatively reliable
+    are the ones it is pasted from."""
+    from corte_ray.models.metric import class_normalised_reliability
+
+    n = 2000
+    labels, reliability = mocm_batch(n, 0.6, 0.3)
+    reliability[n // 2:, 1, 1] = 0.15                  # class 1 half as reliable in the second half
+    g = torch.Generator().manual_seed(0)
+    raw = mocm_mask(labels, reliability, power=2.0, generator=g)
+    norm = mocm_mask(labels, class_normalised_reliability(reliability, labels, 2), power=2.0, generator=g)
+    class1_raw, class1_norm = raw[:, 1, 1].float(), norm[:, 1, 1].float()
+    assert class1_raw.mean() < 0.2                      # 0.3^2 / (0.6^2 + 0.3^2) = 0.2 and 0.06
+    # Normalised: class 0 -> 1, class 1 -> 4/3 and 2/3: P = (16/9) / (1 + 16/9) = 0.64, (4/9) / (1 + 4/9) = 0.31.
+    assert abs(class1_norm[: n // 2].mean().item() - 0.64) < 0.05
+    assert abs(class1_norm[n // 2:].mean().item() - 0.31) < 0.05
+
+
 def test_mix_broadcasts_over_channels():
     masks = torch.tensor([[[True, False]]])
     pasted, base = torch.ones(1, 3, 1, 2), torch.zeros(1, 3, 1, 2)

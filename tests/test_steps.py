@@ -104,3 +104,26 @@ def test_padding_is_never_labelled():
     step.generator.set_state(gen_state)
     _, _, m2 = step.views(_batch(), ("box_top1",))           # the same geometry the step drew
     assert (captured["labels"][~m2["valid"]] == 255).all()
+
+
+@pytest.mark.parametrize("norm", ["class", "pixel"])
+def test_stvm_mocm_reads_the_reliability_the_loss_uses(norm, monkeypatch):
+    """MOCM picks classes by the same reliability as the CE weights: class-normalised by default (raw reliability
+    always pastes the classes the teacher is surest of, docs/methods.md), the raw one with reliability_norm=pixel."""
+    import corte_ray.methods.steps as steps
+    from corte_ray.models.metric import class_normalised_reliability
+
+    seen = []
+    real = steps.mocm_mask
+    monkeypatch.setattr(steps, "mocm_mask", lambda labels, rel, **kw: seen.append((labels, rel)) or real(labels, rel, **kw))
+    cfg, models, step = _setup("stvm", f"stvm.reliability_norm={norm}")
+    step.step(models, _batch(), 10, 100)
+    (labels, rel_used), = seen
+    normalised = class_normalised_reliability(rel_used, labels, C)
+    valid = labels != 255
+    # Normalised reliability has mean 1 within every class present; the raw one (a softmax probability) does not.
+    means = [rel_used[labels == c].mean().item() for c in labels[valid].unique()]
+    if norm == "class":
+        assert torch.allclose(normalised[valid], rel_used[valid], atol=1e-5) and all(abs(m - 1) < 1e-4 for m in means)
+    else:
+        assert (rel_used[valid] <= 1).all() and not all(abs(m - 1) < 1e-4 for m in means)

@@ -284,7 +284,8 @@ class CorteMetric(Corte):
         stats["mean_reliability"] = float(rel[labels != IGNORE].mean()) if (labels != IGNORE).any() else 0.0
         if not self.cfg.stvm.metric_weighting:   # the ablation: the metric head trains, its weights are unused
             rel = torch.ones_like(rel)
-        return rel, metric_loss
+        # The CE weights and MOCM read the same (by default class-normalised) reliability, as in stvm.
+        return self.loss_weights(rel, labels), metric_loss
 
     def mixing_masks(self, labels, weights):
         if not self.cfg.stvm.mocm:
@@ -312,10 +313,12 @@ class STvM(Method):
         y_t = torch.where(m["valid"], y_t, torch.full_like(y_t, IGNORE))
         metric_loss, rel = self.metric_terms(models, feats, y_t)
         st = self.cfg.stvm
-        # MOCM picks what to paste by the metric reliability, before the no-weighting ablation flattens it.
-        masks = (mocm_mask(y_t, rel, power=st.mocm_power, generator=self.generator) if st.mocm
-                 else classmix_mask(y_t, generator=self.generator))
+        # MOCM picks what to paste by the same reliability the loss uses (class-normalised by default: raw
+        # reliability would always paste the easy classes, docs/methods.md), before the no-weighting ablation
+        # flattens it.
         weights = self.loss_weights(rel, y_t)
+        masks = (mocm_mask(y_t, weights, power=st.mocm_power, generator=self.generator) if st.mocm
+                 else classmix_mask(y_t, generator=self.generator))
         if not st.metric_weighting:
             weights = torch.where(y_t != IGNORE, torch.ones_like(rel), rel)
         mixed_img, mixed_y, mixed_r = classmix_batch(strong, y_t, weights, masks)
