@@ -62,6 +62,19 @@ def run_row(row: dict) -> dict:
     return result
 
 
+def _exit_with_parent(parent: int, every_s: float = 1.0) -> None:
+    """A pool worker's initializer: exit when the driver is gone. A killed driver (Ctrl-C twice, SIGTERM, SIGKILL)
+    would otherwise leave its rows training on, orphaned, taking the cores the rerun needs."""
+    import threading
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(every_s)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
 def run_task(fn: Callable, kwargs: dict) -> dict:
     """Any other independent piece of work of a comparison (the box's evaluation), on one thread like a row."""
     import torch
@@ -114,7 +127,8 @@ class RowPool:
             self._remote_task = ray.remote(num_cpus=1, resources=lane, max_retries=0)(run_task)
         else:
             # spawn, not fork: torch and OpenMP state do not survive a fork cleanly.
-            self._executor = cf.ProcessPoolExecutor(self.lanes, mp_context=multiprocessing.get_context("spawn"))
+            self._executor = cf.ProcessPoolExecutor(self.lanes, mp_context=multiprocessing.get_context("spawn"),
+                                                    initializer=_exit_with_parent, initargs=(os.getpid(),))
 
     def submit(self, row: Row) -> None:
         self.rows[row.name] = row

@@ -286,6 +286,6 @@ def format_table(rows: dict[str, dict]) -> str:
         gap = r.get("gap_closed")
         src = r.get("source_miou")
         lines.append(f"{name:13s} {r['arch']:22s} {r['miou']:15.2f} {'' if src is None else f'{src:.2f}':>10s} "
-                     f"{'' if gap is None else f'{100 * gap + 0.0:.0f} %':>10s} {r['params'] / 1e6:10.2f} "
+                     f"{'' if gap is None else f'{round(100 * gap):d} %':>10s} {r['params'] / 1e6:10.2f} "
                      f"{r['cpu_images_per_s']:10.1f}")
     return "\n".join(lines)

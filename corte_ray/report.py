@@ -349,7 +349,7 @@ def results_markdown(rows: Mapping[str, Mapping[str, object]], command: str, tit
             _md_escape(row.get("arch") or "–"),
             _cell(row.get("miou"), ".2f"),
             _cell(row.get("source_miou"), ".2f"),
-            "–" if _cell(gap, ".0f") == "–" else f"{float(gap) * 100:.0f} %",  # type: ignore[arg-type]
+            "–" if _cell(gap, ".0f") == "–" else f"{round(float(gap) * 100):d} %",  # type: ignore[arg-type]
             _cell(None if params is None else float(params) / 1e6, ".2f"),  # type: ignore[arg-type]
             _cell(row.get("cpu_images_per_s"), ".1f"),
         ]

@@ -79,3 +79,51 @@ def test_a_task_runs_in_a_lane_beside_rows(tiny_bench, tmp_path):
     assert results["box evaluation"]["seconds"] >= 0
     assert results["oracle0"]["step"] == 4
     assert "  done box evaluation in 0 s" in lines
+
+
+def _report_pid_then_sleep(path: str, seconds: float) -> dict:
+    import os
+    import time
+    from pathlib import Path
+
+    Path(path).write_text(str(os.getpid()))
+    time.sleep(seconds)
+    return {}
+
+
+def test_rows_die_with_a_killed_driver(tmp_path):
+    """SIGKILL of the driver (the demo, the quality study) must not leave its rows training on, orphaned: the
+    next run would find the cores taken."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    pid_file = tmp_path / "worker.pid"
+    driver = ("from corte_ray.compare import RowPool\n"
+              "from tests.test_compare import _report_pid_then_sleep\n"
+              "pool = RowPool(1, engine='local', printer=lambda s: None)\n"
+              f"pool.submit_task('sleeper', _report_pid_then_sleep, path={str(pid_file)!r}, seconds=120)\n"
+              "pool.wait()\n")
+    proc = subprocess.Popen([sys.executable, "-c", driver], cwd=Path(__file__).parent.parent)
+    try:
+        deadline = time.monotonic() + 180          # a spawned worker imports torch: slow on a loaded machine
+        while not pid_file.exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert pid_file.exists(), "the worker never started"
+        worker = int(pid_file.read_text())
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            try:
+                os.kill(worker, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.2)
+        os.kill(worker, signal.SIGKILL)
+        raise AssertionError("the row's process outlived its driver by 15 s")
+    finally:
+        proc.kill()
