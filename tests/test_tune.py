@@ -80,3 +80,28 @@ def test_tiny_sweep_asha_best_yaml_reproduces(ray_cluster, tiny_bench, tmp_path,
         f"best.yaml rerun: {final['val_miou']} vs the trial's {best_row['miou']}"
     assert abs(final["unsupervised"] - float(best_row["unsupervised"])) <= REPRODUCE_TOL
     assert len(read_hashes(queries)) == 12          # the rerun read the sweep's store too
+
+
+def test_optuna_search_sweeps(ray_cluster, tiny_bench, tmp_path, capsys):
+    """--search optuna: Optuna's TPE proposes the trials (2, run to the end); the leaderboard and best.yaml follow."""
+    pytest.importorskip("optuna", reason="the tune extra (pip install 'corte-ray[tune]') is not installed")
+    from corte_ray.blackbox import open_blackbox
+    from corte_ray.blackbox.store import label_dataset_local
+    from corte_ray.cli import main
+    from corte_ray.data.datasets import open_dataset
+
+    box = export_tiny_box(tmp_path / "box.pt")
+    store = tmp_path / "labels"
+    label_dataset_local(open_dataset("synth", tiny_bench, split="train"), open_blackbox(f"file:{box}", device="cpu"),
+                        store)
+    cfg = write_tiny_config(tmp_path / "cfg.yaml", tiny_bench, "", iterations=4, eval_every=2)
+    space = tmp_path / "space.yaml"
+    space.write_text("knobs:\n  corte.rc_scale: {uniform: [0.8, 1.2]}\n  ema.momentum: {choice: [0.5, 0.9]}\n")
+    out = tmp_path / "sweep"
+    assert main(["tune", "--config", str(cfg), "--space", str(space), "--samples", "2", "--search", "optuna",
+                 "--scheduler", "none", "--metric", "unsupervised", "--max-concurrent", "2", "--out", str(out),
+                 f"blackbox.label_store={store}"]) == 0
+    rows = list(csv.DictReader((out / "leaderboard.csv").open()))
+    assert len(rows) == 2 and all(r["status"] == "done" and int(r["steps"]) == 4 for r in rows)
+    assert all(0.8 <= float(r["corte.rc_scale"]) <= 1.2 and r["ema.momentum"] in ("0.5", "0.9") for r in rows)
+    assert "by unsupervised" in (out / "best.yaml").read_text()

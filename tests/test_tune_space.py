@@ -114,3 +114,18 @@ def test_spearman_and_ranks():
 def test_agreement_miou():
     conf = np.array([[3, 1, 0], [0, 2, 0], [0, 0, 0]])   # class 2 absent from the reference: not averaged
     assert agreement_miou(conf) == pytest.approx(100 * (3 / 4 + 2 / 3) / 2)
+
+
+def test_miou_metric_needs_a_val_split(tmp_path, tiny_bench):
+    import ray
+
+    from corte_ray.tune.sweep import run_sweep
+    from tests.tune_helpers import write_tiny_config
+
+    cfg = write_tiny_config(tmp_path / "cfg.yaml", tiny_bench, "file:/nonexistent/box.pt")
+    with pytest.raises(ConfigError, match="--metric miou: the config has no labelled val split"):
+        run_sweep(str(cfg), ["data.val_split="], str(REPO / "tune_spaces" / "tiny.yaml"), 2, tmp_path / "s",
+                  metric="miou")
+    with pytest.raises(ConfigError, match="train.eval_every: a sweep needs several evaluations"):
+        run_sweep(str(cfg), ["train.eval_every=0"], str(REPO / "tune_spaces" / "tiny.yaml"), 2, tmp_path / "s2")
+    assert not ray.is_initialized()
