@@ -89,3 +89,15 @@ def test_scoring_in_the_loop_changes_no_training(tiny_bench, store, tmp_path):
     for a, b in zip(lines[0], lines[4]):
         assert "unsupervised" not in a and "unsupervised" in b
         assert {k: v for k, v in b.items() if not k.startswith("unsup")} == a
+
+
+def test_without_a_box_the_score_falls_back_to_consistency(tiny_bench):
+    """STvM is source-free: no label store, so only the box-free candidates, and `unsupervised` = consistency."""
+    from corte_ray.models import build_model
+    from corte_ray.tune.score import FALLBACK
+
+    scorer = SelectionScorer(_unlabelled(tiny_bench), None, None, 3, 19)
+    torch.manual_seed(0)
+    scores = scorer.score(build_model("mobilenetv3_small_lraspp", 19), None, torch.device("cpu"))
+    assert set(scores) == {"unsup/consistency", "unsup/neg_entropy", "unsupervised"}
+    assert scores["unsupervised"] == scores[f"unsup/{FALLBACK}"]

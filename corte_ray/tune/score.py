@@ -39,6 +39,9 @@ CANDIDATES = ("agree_reliable", "agree_all", "consistency", "neg_entropy", "clas
 # tied best over all rows (+0.40). Agreement alone rewards copying the box (distill scores highest); consistency
 # alone rewards a student that ignores the box; their mean needs both.
 SELECTED = "agree_consistency"
+# Without the box's answers (stvm: source-free, no box) only the label-free, box-free candidates exist; the
+# selection score is then the consistency half of SELECTED.
+FALLBACK = "consistency"
 AUG_SEED = 20240601   # the same strong views for every trial and every evaluation: scores comparable across trials
 IGNORE = 255
 
@@ -114,7 +117,8 @@ class SelectionScorer:
 
     @torch.no_grad()
     def score(self, student: nn.Module, teacher: nn.Module | None, device: torch.device, ctx=None) -> dict[str, float]:
-        """{"unsup/<candidate>": value, ..., "unsupervised": the SELECTED one}; the student is left in eval mode.
+        """{"unsup/<candidate>": value, ..., "unsupervised": the SELECTED one (FALLBACK without a box)}; the
+        student is left in eval mode.
 
         Each rank scores every world_size-th image; the sums are all-reduced, so every rank returns the same."""
         rank_, world = (ctx.rank, ctx.world_size) if ctx is not None else (0, 1)
@@ -172,6 +176,5 @@ class SelectionScorer:
                           class_dist=100.0 * (1.0 - tv))
             scores["agree_consistency"] = 0.5 * (scores["agree_reliable"] + scores["consistency"])
         out = {f"unsup/{k}": float(v) for k, v in scores.items()}
-        if SELECTED in scores:
-            out["unsupervised"] = float(scores[SELECTED])
+        out["unsupervised"] = float(scores[SELECTED] if SELECTED in scores else scores[FALLBACK])
         return out
