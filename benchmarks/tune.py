@@ -39,6 +39,9 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=Path("/tmp/corte-tune-corte"), help="the sweep directory")
     ap.add_argument("--results", type=Path, default=REPO / "benchmarks" / "results" / "tune_corte")
     ap.add_argument("--resume", action="store_true", help="continue a killed sweep in --out")
+    ap.add_argument("--report-only", action="store_true",
+                    help="no sweep: report the trials of --out that have finished so far (a sweep still running or "
+                         "interrupted; the files say how many)")
     args = ap.parse_args()
     bench, store = args.demo_dir / "bench", args.demo_dir / "labels"
     if not (bench / "stats.json").exists() or not (store / "thresholds.json").exists():
@@ -55,6 +58,8 @@ def main() -> int:
             str(args.out)] + overrides)
     command = " ".join(shlex.quote(c) for c in cmd)
     t0 = time.perf_counter()
+    if args.report_only:
+        return report(args, command, rows_so_far(args.out), None, partial=True)
     run = [sys.executable, "-m", "corte_ray.cli", *cmd[1:]] + (["--resume"] if args.resume else [])
     if args.resume:
         run = [sys.executable, "-m", "corte_ray.cli", "tune", "--out", str(args.out), "--resume"]
@@ -62,8 +67,27 @@ def main() -> int:
     if code != 0:
         return code
     seconds = time.perf_counter() - t0
+    return report(args, command, list(csv.DictReader((args.out / "leaderboard.csv").open())), seconds)
 
-    rows = list(csv.DictReader((args.out / "leaderboard.csv").open()))
+
+def rows_so_far(out: Path) -> list[dict]:
+    """Leaderboard-like rows of the trials of a sweep directory that have finished (trials/ID/done.json)."""
+    import yaml
+
+    keys = list(yaml.safe_load(Path(json.loads((out / "sweep.json").read_text())["space"]).read_text())["knobs"])
+    rows = []
+    for done in sorted(out.glob("trials/*/done.json")):
+        m = json.loads(done.read_text())["metrics"]
+        cfg = yaml.safe_load((done.parent / "config.yaml").read_text())
+        row = {k: cfg[k.split(".")[0]][k.split(".")[1]] for k in keys}
+        row.update(trial_id=done.parent.name, miou=m["val_miou"], unsupervised=m["unsupervised"],
+                   steps=int(m["step"]), stopped_early=str(False))
+        row.update({f"unsup_{c}": m.get(f"unsup/{c}") for c in CANDIDATES})
+        rows.append(row)
+    return rows
+
+
+def report(args, command: str, rows: list[dict], seconds: float | None, partial: bool = False) -> int:
     knobs = [k for k in rows[0] if "." in k]
     trials, details = [], []
     for r in rows:
@@ -87,8 +111,11 @@ def main() -> int:
     per_eval = [(details[0]["curve"][e][0], spearman([d["curve"][e][2] for d in details],
                                                      [d["curve"][e][1] for d in details])) for e in range(n_evals)]
     order = sorted(range(len(trials)), key=lambda i: -miou[i])
+    when = (f"{seconds / 60:.1f} min on 2 shared CPU cores" if seconds is not None else
+            f"**partial: the {len(trials)} trials finished when the sweep was interrupted**; `python benchmarks/tune.py "
+            f"--demo-dir {args.demo_dir} --out {args.out} --resume` finishes it and rewrites these files")
     md = ["# Sweep of tune_spaces/corte.yaml on the demo benchmark (seed 0)", "",
-          f"Command (run by `python benchmarks/tune.py`, {seconds / 60:.1f} min on 2 shared CPU cores):", "",
+          f"Command (run by `python benchmarks/tune.py`; {when}):", "",
           f"    {command}", "",
           f"{len(trials)} configurations, each the demo's corte schedule (300 steps, evaluations at 75/150/225/300), "
           f"2 at a time, no early stopping; the label store of the demo (labelled once, shared by every trial). "

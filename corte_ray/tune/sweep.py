@@ -267,6 +267,8 @@ def run_sweep(config: str | None, overrides: list[str], space_path: str | None, 
                                                     args["max_concurrent"])))
     grid = tuner.fit()
     seconds = time.perf_counter() - t0
+    # Ctrl-C (or a stop signal) ends fit() with trials neither finished nor failed: say so, and how to go on.
+    interrupted = grid.num_terminated + grid.num_errors < len(grid)
     rows = leaderboard_rows(grid, space, base, out)
     best = pick_best(rows, metric_name)
     write_leaderboard(rows, space, out / "leaderboard.csv")
@@ -279,6 +281,12 @@ def run_sweep(config: str | None, overrides: list[str], space_path: str | None, 
               f"(corte-ray adapt --config {out / 'best.yaml'} --out RUN)")
     print(f"leaderboard: {out / 'leaderboard.csv'}; TensorBoard: tensorboard --logdir {out / 'trials'}  "
           f"({seconds:.0f} s)")
+    if interrupted:
+        from ..errors import CorteError
+
+        raise CorteError(f"the sweep was interrupted with {len(grid) - grid.num_terminated - grid.num_errors} "
+                         f"trials unfinished (the leaderboard so far is above); continue it with "
+                         f"`corte-ray tune --out {out} --resume`")
     return {"leaderboard": rows, "best": best, "out": str(out), "metric": metric_name, "seconds": seconds}
 
 
@@ -290,7 +298,8 @@ def leaderboard_rows(grid, space: Space, base: Config, out: Path) -> list[dict]:
         m = res.metrics or {}
         trial_id = m.get("trial_id") or (Path(res.path).name if res.path else "?")
         steps = int(m.get("step", 0))
-        status = "error" if res.error else ("done" if steps >= base.train.iterations else "stopped")
+        status = "error" if res.error else ("done" if steps >= base.train.iterations else
+                                            "stopped" if steps else "unfinished")
         rows.append({"trial_id": trial_id, "knobs": {k: res.config.get(k) for k in space.keys},
                      "miou": m.get("val_miou"), "unsupervised": m.get("unsupervised"), "steps": steps,
                      "stopped_early": status == "stopped", "status": status,
