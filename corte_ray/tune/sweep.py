@@ -268,8 +268,9 @@ def run_sweep(config: str | None, overrides: list[str], space_path: str | None, 
     grid = tuner.fit()
     seconds = time.perf_counter() - t0
     # Ctrl-C (or a stop signal) ends fit() with trials neither finished nor failed: say so, and how to go on.
-    interrupted = grid.num_terminated + grid.num_errors < len(grid)
     rows = leaderboard_rows(grid, space, base, out)
+    # (Tune may count a trial it stopped on Ctrl-C as terminated: one that never reported was interrupted too.)
+    interrupted = (grid.num_terminated + grid.num_errors < len(grid)) or any(r["status"] == "unfinished" for r in rows)
     best = pick_best(rows, metric_name)
     write_leaderboard(rows, space, out / "leaderboard.csv")
     if best is not None:
@@ -284,9 +285,8 @@ def run_sweep(config: str | None, overrides: list[str], space_path: str | None, 
     if interrupted:
         from ..errors import CorteError
 
-        raise CorteError(f"the sweep was interrupted with {len(grid) - grid.num_terminated - grid.num_errors} "
-                         f"trials unfinished (the leaderboard so far is above); continue it with "
-                         f"`corte-ray tune --out {out} --resume`")
+        raise CorteError(f"the sweep was interrupted before every trial finished (the leaderboard so far is "
+                         f"above); continue it with `corte-ray tune --out {out} --resume`")
     return {"leaderboard": rows, "best": best, "out": str(out), "metric": metric_name, "seconds": seconds}
 
 
