@@ -281,6 +281,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------------------------- tune
+def cmd_tune(args: argparse.Namespace) -> int:
+    from .tune.sweep import run_sweep
+
+    run_sweep(args.config, list(args.overrides), args.space, args.samples, args.out, scheduler=args.scheduler,
+              search=args.search, metric=args.metric, max_concurrent=args.max_concurrent, resume=args.resume)
+    return 0
+
+
 # ------------------------------------------------------------------------------------------------ main
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -357,6 +366,35 @@ def build_parser() -> argparse.ArgumentParser:
                         "no Ray (the default: the rows are one-thread processes either way, and Ray's start-up "
                         "and a Ray Data labelling job cost about 30 s on 2 cores)")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("tune", formatter_class=fmt, help="a Ray Tune sweep of adapt runs over a search space",
+                       description="Sweep the knobs of a search space (tune_spaces/*.yaml; format in the README) with "
+                                   "Ray Tune: each trial is one Ray Train adaptation from --config with the trial's "
+                                   "knobs, every evaluation one Tune iteration (ASHA stops weak trials early). The "
+                                   "target is labelled once for all trials. Every evaluation reports target-val mIoU "
+                                   "and an unsupervised selection score that reads no target labels (docs/tuning.md). "
+                                   "Writes OUT/leaderboard.csv, OUT/best.yaml (run it with corte-ray adapt --config) "
+                                   "and TensorBoard per trial under OUT/trials/.")
+    p.add_argument("--space", default=None,
+                   help="search space: a YAML file, or the name of a shipped one (corte, stvm, threshold_st, tiny)")
+    p.add_argument("--samples", type=int, default=None,
+                   help="configurations to sample (each grid point is repeated this many times)")
+    p.add_argument("--scheduler", choices=("asha", "none"), default="asha",
+                   help="asha: stop weak trials at evaluations; none: every trial runs its whole schedule")
+    p.add_argument("--search", choices=("random", "optuna"), default="random",
+                   help="random sampling, or Optuna's TPE (needs the optuna package: pip install 'corte-ray[tune]')")
+    p.add_argument("--metric", choices=("miou", "unsupervised"), default=None,
+                   help="what the scheduler and the choice of best.yaml maximise (default: miou where the config "
+                        "has a val split, else unsupervised)")
+    p.add_argument("--max-concurrent", type=int, default=1,
+                   help="trials at once; each reserves scaling.num_workers x scaling.cpus_per_worker + "
+                        "scaling.data_cpus CPUs")
+    p.add_argument("--out", type=Path, default=Path("tune_out"), help="sweep directory")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the sweep in --out (after a crash or a kill): finished trials are kept, "
+                        "unfinished ones continue from their last checkpoint; the other options come from OUT/sweep.json")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser("train-source", formatter_class=fmt, help="train the source model and export it as a black box",
                        description="Supervised training on a labelled source domain (e.g. GTA5, or the synthetic "

@@ -191,6 +191,9 @@ class TrainConfig:
     progress_every_s: float = 10.0                 # a progress line (and RUN/progress.json) every N seconds (0 = off)
     label_diagnostics: bool = True                 # where the training images have ground truth, log the accuracy
                                                    # of the pseudo-labels (kept / filled / overridden) to TensorBoard
+    score_images: int = 0                          # at every evaluation, the unsupervised selection scores on this
+                                                   # many target TRAIN images (no labels read; tune/score.py,
+                                                   # docs/tuning.md); 0 = off (`corte-ray tune` turns it on)
 
     def validate(self, p: str = "train") -> None:
         _check(self.iterations >= 1, f"{p}.iterations", f"must be >= 1, got {self.iterations}")
@@ -200,6 +203,7 @@ class TrainConfig:
         _check(self.keep_checkpoints >= 1, f"{p}.keep_checkpoints", "must be >= 1")
         _check(self.log_every >= 1, f"{p}.log_every", "must be >= 1")
         _check(self.cpu_threads >= 0, f"{p}.cpu_threads", "must be >= 0 (0 = torch's default)")
+        _check(self.score_images >= 0, f"{p}.score_images", f"must be >= 0 (0 = off), got {self.score_images}")
         _check(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"), f"{p}.device",
                f"must be auto, cpu, cuda or cuda:N, got {self.device!r}")
 

@@ -428,6 +428,13 @@ def train(cfg: Config, ctx, store=None) -> TrainResult:
 
         writer = SummaryWriter(str(Path(ctx.run_dir) / "tensorboard"))
     val_classes = val_set.label_space.eval_classes() if val_set is not None else ()
+    scorer = None
+    if tcfg.score_images:
+        # Model selection without target labels (corte-ray tune): scores of the student on training images,
+        # from the box's stored answers; no randomness of training is drawn, so the run is the same without it.
+        from ..tune.score import SelectionScorer
+
+        scorer = SelectionScorer(train_set, store, cfg.data.resize, tcfg.score_images, cfg.model.num_classes)
 
     def run_eval() -> dict:
         if val_set is None:
@@ -523,6 +530,13 @@ def train(cfg: Config, ctx, store=None) -> TrainResult:
                         writer.add_image("val/predictions", prediction_overlays(student, val_set, device,
                                                                                  cfg.data.resize), step)
                         student.train()
+                if scorer is not None:
+                    scores = scorer.score(student, teacher, device, ctx)
+                    student.train()
+                    metrics.update(scores)
+                    if writer is not None:
+                        for k, v in scores.items():
+                            writer.add_scalar(k if "/" in k else f"unsup/{k}", v, step)
             is_best = metrics.get("val_miou", -1.0) > best
             if is_best:
                 best = metrics["val_miou"]

@@ -200,8 +200,10 @@ def _latest_step(run_dir: Path) -> int:
 
 
 def fit_ray(cfg: Config, run_dir: str | Path, store_path: str | None, fault: dict | None = None,
-            dump_final_weights: bool = False):
-    """Run (or resume: same run_dir) one adaptation on Ray Train; returns the loop's last metrics."""
+            dump_final_weights: bool = False, callbacks: list | None = None):
+    """Run (or resume: same run_dir) one adaptation on Ray Train; returns the loop's last metrics.
+
+    `callbacks`: Ray Train UserCallbacks (a Tune trial passes TuneReportCallback: each report -> one iteration)."""
     from .loop import TargetTrainSet, TrainResult, sample_order
     from ..data.datasets import open_dataset
     from ..methods.steps import METHODS
@@ -239,7 +241,7 @@ def fit_ray(cfg: Config, run_dir: str | Path, store_path: str | None, fault: dic
         scaling_config=ray.train.ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,
                                                resources_per_worker={"CPU": s.cpus_per_worker}),
         run_config=ray.train.RunConfig(
-            name=run_dir.name, storage_path=str(run_dir.parent),
+            name=run_dir.name, storage_path=str(run_dir.parent), callbacks=list(callbacks or []),
             failure_config=ray.train.FailureConfig(max_failures=s.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints,
                                                          checkpoint_score_attribute="checkpoint_score",
