@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.counting_box import read_hashes
-from tests.tune_helpers import export_tiny_box, write_tiny_config
+from tests.tune_helpers import export_tiny_box, label_tiny_store, write_tiny_config
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[1]
@@ -85,15 +85,9 @@ def test_tiny_sweep_asha_best_yaml_reproduces(ray_cluster, tiny_bench, tmp_path,
 def test_optuna_search_sweeps(ray_cluster, tiny_bench, tmp_path, capsys):
     """--search optuna: Optuna's TPE proposes the trials (2, run to the end); the leaderboard and best.yaml follow."""
     pytest.importorskip("optuna", reason="the tune extra (pip install 'corte-ray[tune]') is not installed")
-    from corte_ray.blackbox import open_blackbox
-    from corte_ray.blackbox.store import label_dataset_local
     from corte_ray.cli import main
-    from corte_ray.data.datasets import open_dataset
 
-    box = export_tiny_box(tmp_path / "box.pt")
-    store = tmp_path / "labels"
-    label_dataset_local(open_dataset("synth", tiny_bench, split="train"), open_blackbox(f"file:{box}", device="cpu"),
-                        store)
+    store = label_tiny_store(tmp_path, tiny_bench)
     cfg = write_tiny_config(tmp_path / "cfg.yaml", tiny_bench, "", iterations=4, eval_every=2)
     space = tmp_path / "space.yaml"
     space.write_text("knobs:\n  corte.rc_scale: {uniform: [0.8, 1.2]}\n  ema.momentum: {choice: [0.5, 0.9]}\n")

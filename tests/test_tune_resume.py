@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.tune_helpers import export_tiny_box, write_tiny_config
+from tests.tune_helpers import label_tiny_store, write_tiny_config
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[1]
@@ -36,14 +36,7 @@ def _end_group(proc: subprocess.Popen) -> None:
 
 
 def test_killed_sweep_resumes_without_rerunning_finished_trials(tiny_bench, tmp_path):
-    from corte_ray.blackbox import open_blackbox
-    from corte_ray.blackbox.store import label_dataset_local
-    from corte_ray.data.datasets import open_dataset
-
-    box = export_tiny_box(tmp_path / "box.pt")
-    store = tmp_path / "labels"
-    label_dataset_local(open_dataset("synth", tiny_bench, split="train"), open_blackbox(f"file:{box}", device="cpu"),
-                        store)
+    store = label_tiny_store(tmp_path, tiny_bench)
     cfg = write_tiny_config(tmp_path / "cfg.yaml", tiny_bench, "", iterations=8, eval_every=2)
     space = tmp_path / "space.yaml"
     space.write_text("knobs:\n  corte.rc_scale: {uniform: [0.8, 1.2]}\n")

@@ -31,3 +31,15 @@ def write_tiny_config(path: Path, bench: Path, blackbox_spec: str, iterations: i
            "scaling": {"cpus_per_worker": 0.5, "data_cpus": 0.25}}
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path
+
+
+def label_tiny_store(tmp_path: Path, bench: Path) -> Path:
+    """A tiny TorchScript box exported under tmp_path and a label store of `bench`'s train split made with it."""
+    from corte_ray.blackbox import open_blackbox
+    from corte_ray.blackbox.store import label_dataset_local
+    from corte_ray.data.datasets import open_dataset
+
+    box = export_tiny_box(tmp_path / "box.pt")
+    store = tmp_path / "labels"
+    label_dataset_local(open_dataset("synth", bench, split="train"), open_blackbox(f"file:{box}", device="cpu"), store)
+    return store
