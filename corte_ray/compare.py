@@ -194,9 +194,9 @@ class RowPool:
         from .train.loop import format_progress
 
         parts, queued = [], 0
+        tasks = [name for name in self.pending if name not in self.rows]   # no progress file: named, not timed
         for name in self.pending:
-            if name not in self.rows:        # a task (no progress file): shown as running or queued by count
-                queued += 1
+            if name in tasks:
                 continue
             path = Path(self.rows[name].run_dir) / "progress.json"
             try:
@@ -211,6 +211,8 @@ class RowPool:
             parts.append(format_progress(state))
         if queued:
             parts.append(f"{queued} queued")
+        if tasks:
+            parts.append(f"pending: {', '.join(tasks)}")
         return "  " + " | ".join(parts) if parts else ""
 
     def close(self) -> None:

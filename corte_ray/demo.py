@@ -186,9 +186,9 @@ def run_demo(out: str | Path, quick: bool = False, seed: int = 0, device: str = 
     models = {}
     for method in s["methods"]:
         r = results[method]
-        model, _ = load_checkpoint_model(r["checkpoint"])
+        model, run_cfg = load_checkpoint_model(r["checkpoint"])
         models[method] = model
-        arch = SOURCE_ARCH if method == "stvm" else STUDENT_ARCH
+        arch = run_cfg.model.student
         if arch not in speed:
             speed[arch] = round(_cpu_images_per_s(model, size), 1)
         rows[method] = {"miou": round(r["miou"], 2), "params": count_parameters(model),
