@@ -104,20 +104,14 @@ def _check_resources(cfg: Config, max_concurrent: int) -> float:
 
 
 def _init_ray(cfg: Config, max_concurrent: int) -> None:
-    import ray
+    from ..ray_cluster import connect
 
-    if ray.is_initialized():
-        return
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init()
-        return
     s = cfg.scaling
     need = s.num_workers * s.cpus_per_worker + s.data_cpus + DRIVER_CPUS
-    # Logical CPUs for K trials at once: the user chose K; each trial's torch threads are train.cpu_threads.
-    num_cpus = max(os.cpu_count() or 1, math.ceil(need * max_concurrent))
-    # The dashboard stays on: without it, placement groups of trials ASHA stops leak and later trials hang.
-    ray.init(num_cpus=num_cpus, object_store_memory=OBJECT_STORE_BYTES, include_dashboard=True,
-             log_to_driver=False)
+    # Logical CPUs for K trials at once (a local instance; a cluster joined through RAY_ADDRESS keeps its own):
+    # the user chose K; each trial's torch threads are train.cpu_threads. The dashboard stays on: without it,
+    # placement groups of trials ASHA stops leak and later trials hang.
+    connect(need * max_concurrent, OBJECT_STORE_BYTES, include_dashboard=True, log_to_driver=False)
 
 
 def _scheduler(name: str, cfg: Config, metric: str):
