@@ -182,7 +182,7 @@ class LoadBatch:
 def job_needs(cfg: Config) -> dict[str, float]:
     """Every resource the training job places at once: the Train workers (CPUs, a GPU each with use_gpu, their
     custom resources) plus the decode actors of the Ray Data stream (scaling.data_cpus), whose budget Ray Data
-    keeps apart from the Train workers' CPUs."""
+    keeps apart from the Train workers' CPUs. Train V2's controller and helper actors reserve nothing."""
     s = cfg.scaling
     need = {"CPU": s.num_workers * s.cpus_per_worker + s.data_cpus}
     if s.use_gpu:
