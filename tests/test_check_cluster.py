@@ -60,3 +60,19 @@ def test_resources_per_worker_rejects_cpu_gpu_and_non_positive_amounts():
         _cfg("scaling.resources_per_worker={x: 0}")
     with pytest.raises(ConfigError, match="scaling.resources_per_worker: must be a mapping"):
         _cfg("scaling.resources_per_worker=2")
+
+
+def test_a_sweep_counts_every_concurrent_trial_and_can_wait_for_the_autoscaler(caplog):
+    from corte_ray.tune.sweep import _check_resources
+
+    cfg = _cfg("scaling.num_workers=1", "scaling.use_gpu=true", "scaling.cpus_per_worker=1")
+    assert _check_resources(cfg, 2, {"CPU": 8.0, "GPU": 2.0}) == pytest.approx(1.51)   # 1 + 0.5 + the driver's
+    with pytest.raises(ConfigError, match=r"--max-concurrent: 2 trials x 1 GPU \(scaling.use_gpu\) do not fit the "
+                                          r"cluster's 1"):
+        _check_resources(cfg, 2, {"CPU": 8.0, "GPU": 1.0})
+    with pytest.raises(ConfigError, match=r"2 trials x 1.51 CPUs .* need 3.02 CPUs, the cluster has 3"):
+        _check_resources(cfg, 2, {"CPU": 3.0, "GPU": 2.0})
+    waiting = _cfg("scaling.num_workers=1", "scaling.use_gpu=true", "scaling.wait_for_gpus=true")
+    with caplog.at_level(logging.WARNING, logger="corte_ray.tune.sweep"):
+        _check_resources(waiting, 4, {"CPU": 1.0})                   # GPU nodes start at 0: not refused
+    assert "waiting for the autoscaler" in caplog.text and "trials x 1 GPU" in caplog.text
