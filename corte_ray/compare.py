@@ -111,13 +111,12 @@ class RowPool:
         if engine == "ray":
             import ray
 
-            if not ray.is_initialized():
-                # One CPU more than the lanes: a Ray Data job (the labelling) must find a CPU beside running rows.
-                # Rows hold a "corte_lane" each, so no more than `lanes` train at once.
-                ray.init(**({} if os.environ.get("RAY_ADDRESS") else
-                            {"num_cpus": self.lanes + 1, "resources": {"corte_lane": self.lanes},
-                             "object_store_memory": 200 * 1024**2}),
-                         log_to_driver=False, include_dashboard=False)
+            from .ray_cluster import connect
+
+            # One CPU more than the lanes: a Ray Data job (the labelling) must find a CPU beside running rows.
+            # Rows hold a "corte_lane" each, so no more than `lanes` train at once (a local instance; on a
+            # cluster joined through RAY_ADDRESS the rows spread over its CPUs).
+            connect(self.lanes + 1, 200 * 1024**2, resources={"corte_lane": self.lanes}, log_to_driver=False)
             import ray.data
 
             # Ray Data's multi-line progress bars (cursor codes in a log file) stay out of the driver's output.

@@ -216,13 +216,20 @@ class ScalingConfig:
     cpus_per_worker: float = 1.0                   # fractional values leave CPUs to Ray Data
     max_failures: int = 0                          # worker-group restarts from the last checkpoint
     data_cpus: float = 0.5                         # CPUs of the Ray Data task that decodes images for training
-    wait_for_gpus: bool = False                    # use_gpu on a cluster with no GPU now: wait for the autoscaler
+    wait_for_gpus: bool = False                    # an autoscaling cluster: resources missing now (GPUs, CPUs,
+                                                   # custom ones) are waited for, not refused at once
+    resources_per_worker: dict[str, float] = field(default_factory=dict)  # custom Ray resources per Train worker,
+                                                   # e.g. {accelerator_type:A10G: 0.01} (CPU/GPU: the keys above)
 
     def validate(self, p: str = "scaling") -> None:
         _check(self.num_workers >= 1, f"{p}.num_workers", "must be >= 1")
         _check(self.cpus_per_worker > 0, f"{p}.cpus_per_worker", "must be > 0")
         _check(self.data_cpus > 0, f"{p}.data_cpus", "must be > 0")
         _check(self.max_failures >= -1, f"{p}.max_failures", "must be >= -1 (-1 = retry forever)")
+        for name, amount in self.resources_per_worker.items():
+            _check(name not in ("CPU", "GPU"), f"{p}.resources_per_worker.{name}",
+                   "set CPUs with scaling.cpus_per_worker and GPUs with scaling.use_gpu")
+            _check(amount > 0, f"{p}.resources_per_worker.{name}", f"must be > 0, got {amount}")
 
 
 @dataclass
@@ -285,6 +292,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
         _check(len(value) == len(args), key, f"must have {len(args)} items, got {list(value)}")
         return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if origin is dict:
+        _check(isinstance(value, Mapping), key, f"must be a mapping, got {value!r}")
+        return {_coerce(k, args[0], key): _coerce(v, args[1], f"{key}.{k}") for k, v in value.items()}
     if origin is list:
         _check(isinstance(value, (list, tuple)), key, f"must be a list, got {value!r}")
         return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]

@@ -151,7 +151,9 @@ def test_more_cpus_than_the_cluster_has_fails_at_once(ray_cluster, tiny_bench, s
     from corte_ray.train.ray_engine import check_cluster
 
     cfg = _cfg(tiny_bench, store, "method=distill", "scaling.num_workers=4", "scaling.cpus_per_worker=1.0")
-    with pytest.raises(ConfigError, match="scaling.num_workers: 4 workers x 1 CPUs need 4 CPUs, the cluster has 2"):
+    with pytest.raises(ConfigError, match=r"scaling.num_workers: 4 workers x 1 CPUs \(scaling.cpus_per_worker\) \+ "
+                                         r"0.5 for the decode actor \(scaling.data_cpus\) need 4.5 CPUs, the cluster "
+                                         r"has 2"):
         check_cluster(cfg)
     check_cluster(_cfg(tiny_bench, store, "method=distill", "scaling.num_workers=2"))   # 2 x 0.5 fits
 

@@ -36,6 +36,7 @@ READ_TASK_CPUS = 0.25
 _REMOTE_ERROR = re.compile(r"^corte_ray\.errors\.(\w+): (.+)$", re.MULTILINE)
 # A store of labelled images needs little object store: batches of images in flight and tiny stats rows.
 OBJECT_STORE_BYTES = 512 * 1024**2
+DEFAULT_TOKEN_ENV = "CORTE_BLACKBOX_TOKEN"  # HttpBlackBox's default token_env
 
 
 # ------------------------------------------------------------------------------------------ the stages
@@ -187,24 +188,16 @@ def backend_counters(box: BlackBox) -> tuple[int, int]:
 
 # ------------------------------------------------------------------------------------------ Ray set-up
 def ensure_ray(cpus_needed: float, gpus_needed: float) -> bool:
-    """Join the Ray cluster the caller set up, or start a local one sized for this job.
+    """Join the Ray cluster the caller set up (RAY_ADDRESS), or start a local one sized for this job.
 
     Returns True when this call connected (the caller then disconnects at the end): a driver that called
-    `ray.init` itself keeps its cluster. A local cluster gets explicit CPUs and a small object store
-    (RAY_NOTES: defaults take 30% of RAM and every core).
+    `ray.init` itself keeps its cluster (ray_cluster.connect).
     """
-    import ray
+    from ..ray_cluster import cluster_address, connect
 
-    if ray.is_initialized():
-        return False
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init()
-        _check_resources(cpus_needed, gpus_needed, local=False)
-        return True
-    num_cpus = max(os.cpu_count() or 1, math.ceil(cpus_needed))
-    ray.init(num_cpus=num_cpus, object_store_memory=OBJECT_STORE_BYTES, include_dashboard=False)
-    _check_resources(cpus_needed, gpus_needed, local=True)
-    return True
+    connected = connect(cpus_needed, OBJECT_STORE_BYTES)
+    _check_resources(cpus_needed, gpus_needed, local=connected and not cluster_address())
+    return connected
 
 
 def _check_resources(cpus_needed: float, gpus_needed: float, local: bool) -> None:
@@ -327,6 +320,7 @@ def _run_pipeline(dataset, todo, box_spec: str, store_dir: str, meta: dict, resi
         BoxLabeller, batch_size=batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=num_actors),
         num_cpus=cpus_per_actor,
         num_gpus=num_gpus_per_actor if num_gpus_per_actor > 0 else None,
+        **_actor_runtime_env(box_spec, box_options),
         fn_constructor_kwargs={"box_spec": box_spec, "answer": answer, "topk": topk, "device": device,
                                "batch_size": batch_size, "store_dir": store_dir, "meta": meta, "threads": threads,
                                "box_options": box_options})
@@ -367,6 +361,19 @@ def _run_pipeline(dataset, todo, box_spec: str, store_dir: str, meta: dict, resi
     if len(finished) > 1 and finished[-1][0] > finished[0][0]:
         # Throughput once the first batch is done: actor start-up and model loading excluded.
         run["steady_images_per_s"] = sum(n for _, n in finished[1:]) / (finished[-1][0] - finished[0][0])
+
+
+def _actor_runtime_env(box_spec: str, box_options: dict) -> dict:
+    """An HTTP box's token for the actors: they may run on nodes whose environment never held it (their workers
+    inherit the node's raylet environment, not the driver's). It travels in the actors' runtime env, merged
+    into the job's; never in argv, an actor argument or a log line."""
+    from ..ray_cluster import secret_env_vars
+
+    if not box_spec.lower().startswith(("http://", "https://")):
+        return {}
+    token_env = box_options["token_env"] if "token_env" in box_options else DEFAULT_TOKEN_ENV
+    secrets = secret_env_vars([token_env])
+    return {"runtime_env": {"env_vars": secrets}} if secrets else {}
 
 
 def _user_error(err: BaseException) -> CorteError | None:

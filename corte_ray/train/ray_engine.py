@@ -179,19 +179,54 @@ class LoadBatch:
         return {k: np.stack([it[k] for it in items]) for k in items[0]}
 
 
-def check_cluster(cfg: Config) -> None:
-    """Fail at once where Ray itself would wait forever for resources that will never come."""
-    res = ray.cluster_resources()
+def job_needs(cfg: Config) -> dict[str, float]:
+    """Every resource the training job places at once: the Train workers (CPUs, a GPU each with use_gpu, their
+    custom resources) plus the decode actors of the Ray Data stream (scaling.data_cpus), whose budget Ray Data
+    keeps apart from the Train workers' CPUs. Train V2's controller and helper actors reserve nothing."""
     s = cfg.scaling
-    if s.use_gpu and res.get("GPU", 0) < 1 and not s.wait_for_gpus:
-        raise ConfigError(f"scaling.use_gpu: the Ray cluster has no GPUs (resources: CPU={res.get('CPU', 0):g}, "
-                          f"GPU=0); use scaling.use_gpu=false, or scaling.wait_for_gpus=true on an autoscaling "
-                          f"cluster whose GPU nodes start on demand")
-    need = s.cpus_per_worker * s.num_workers
-    if not s.use_gpu and res.get("CPU", 0) < need and not s.wait_for_gpus:
-        raise ConfigError(f"scaling.num_workers: {s.num_workers} workers x {s.cpus_per_worker:g} CPUs need {need:g} "
-                          f"CPUs, the cluster has {res.get('CPU', 0):g}; lower scaling.cpus_per_worker (fractions "
-                          f"are fine) or scaling.num_workers")
+    need = {"CPU": s.num_workers * s.cpus_per_worker + s.data_cpus}
+    if s.use_gpu:
+        need["GPU"] = float(s.num_workers)
+    for name, amount in s.resources_per_worker.items():
+        need[name] = s.num_workers * amount
+    return need
+
+
+def check_cluster(cfg: Config, resources: dict[str, float] | None = None) -> None:
+    """Fail at once where Ray itself would wait forever for resources that will never come.
+
+    `resources`: the cluster's (default: `ray.cluster_resources()`). With scaling.wait_for_gpus (an autoscaling
+    cluster whose nodes start on demand) what is missing now is only logged: the autoscaler may add it."""
+    res = ray.cluster_resources() if resources is None else resources
+    s = cfg.scaling
+    need = job_needs(cfg)
+    cpus, gpus = res.get("CPU", 0.0), res.get("GPU", 0.0)
+    problems = []
+    if s.use_gpu and gpus < need["GPU"]:
+        problems.append(f"scaling.use_gpu: the Ray cluster has {'no' if gpus == 0 else f'{gpus:g}'} GPUs, "
+                        f"scaling.num_workers={s.num_workers} workers need one each (resources: CPU={cpus:g}, "
+                        f"GPU={gpus:g}); use scaling.use_gpu=false "
+                        f"or fewer scaling.num_workers, or scaling.wait_for_gpus=true on an autoscaling cluster "
+                        f"whose GPU nodes start on demand")
+    if cpus < need["CPU"] - 1e-9:
+        problems.append(f"scaling.num_workers: {s.num_workers} workers x {s.cpus_per_worker:g} CPUs "
+                        f"(scaling.cpus_per_worker) + {s.data_cpus:g} for the decode actor (scaling.data_cpus) "
+                        f"need {need['CPU']:g} CPUs, the cluster has {cpus:g}; Ray Data's budget excludes the Train "
+                        f"workers' CPUs, so without room for scaling.data_cpus the input stream never starts and "
+                        f"training hangs: lower scaling.cpus_per_worker (fractions are fine), scaling.num_workers "
+                        f"or scaling.data_cpus")
+    for name, amount in s.resources_per_worker.items():
+        if res.get(name, 0.0) < need[name] - 1e-9:
+            problems.append(f"scaling.resources_per_worker.{name}: {s.num_workers} workers x {amount:g} need "
+                            f"{need[name]:g}, the cluster has {res.get(name, 0.0):g}; start nodes that offer "
+                            f"{name!r}, or set scaling.wait_for_gpus=true on an autoscaling cluster that adds them")
+    if not problems:
+        return
+    if s.wait_for_gpus:
+        log.warning("waiting for the autoscaler (scaling.wait_for_gpus): %s", "; ".join(p.split(";")[0]
+                                                                                     for p in problems))
+        return
+    raise ConfigError(problems[0] if len(problems) == 1 else " | ".join(problems))
 
 
 def _latest_step(run_dir: Path) -> int:
@@ -210,8 +245,10 @@ def fit_ray(cfg: Config, run_dir: str | Path, store_path: str | None, fault: dic
     from ..blackbox.store import LabelStore
 
     run_dir = Path(run_dir).resolve()
-    if not ray.is_initialized():
-        ray.init(**({} if os.environ.get("RAY_ADDRESS") else {"num_cpus": os.cpu_count()}))
+    from ..ray_cluster import connect
+
+    # A local instance gets this machine's cores, no more: check_cluster then refuses a job that cannot fit.
+    connect(os.cpu_count() or 1)
     check_cluster(cfg)
 
     method_cls = METHODS.get(cfg.method)
@@ -239,7 +276,8 @@ def fit_ray(cfg: Config, run_dir: str | Path, store_path: str | None, fault: dic
         train_loop_config={"cfg": cfg.to_dict(), "run_dir": str(run_dir), "store": store_path, "fault": fault,
                            "dump_final_weights": dump_final_weights},
         scaling_config=ray.train.ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,
-                                               resources_per_worker={"CPU": s.cpus_per_worker}),
+                                               resources_per_worker={"CPU": s.cpus_per_worker,
+                                                                     **s.resources_per_worker}),
         run_config=ray.train.RunConfig(
             name=run_dir.name, storage_path=str(run_dir.parent), callbacks=list(callbacks or []),
             failure_config=ray.train.FailureConfig(max_failures=s.max_failures),

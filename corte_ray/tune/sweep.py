@@ -86,38 +86,45 @@ def sweep_base_config(cfg: Config, out: Path) -> Config:
     return from_dict(data)
 
 
-def _check_resources(cfg: Config, max_concurrent: int) -> float:
-    """CPUs one trial reserves (Train workers + the Ray Data decoding actor); fails if K trials cannot fit."""
+def _check_resources(cfg: Config, max_concurrent: int, resources: dict[str, float] | None = None) -> float:
+    """CPUs one trial reserves (Train workers + the Ray Data decoding actor + its driver); fails if K trials
+    cannot fit, counting GPUs and scaling.resources_per_worker too. With scaling.wait_for_gpus (an autoscaling
+    cluster) what is missing now is only logged. `resources`: the cluster's (default: ray.cluster_resources())."""
     import ray
 
+    from ..train.ray_engine import job_needs
+
     s = cfg.scaling
-    need = s.num_workers * s.cpus_per_worker + s.data_cpus + DRIVER_CPUS
-    have = ray.cluster_resources().get("CPU", 0)
-    if have < need * max_concurrent - 1e-9:
-        raise ConfigError(f"--max-concurrent: {max_concurrent} trials x {need:g} CPUs (scaling.num_workers x "
-                          f"scaling.cpus_per_worker + scaling.data_cpus) need {need * max_concurrent:g} CPUs, the "
-                          f"cluster has {have:g}; lower --max-concurrent or the trial's CPUs")
-    if s.use_gpu and ray.cluster_resources().get("GPU", 0) < s.num_workers * max_concurrent:
-        raise ConfigError(f"--max-concurrent: {max_concurrent} trials x {s.num_workers} GPUs do not fit the "
-                          f"cluster's {ray.cluster_resources().get('GPU', 0):g} GPUs")
-    return need
+    trial = job_needs(cfg)
+    trial["CPU"] += DRIVER_CPUS
+    have = ray.cluster_resources() if resources is None else resources
+    problems = []
+    if have.get("CPU", 0) < trial["CPU"] * max_concurrent - 1e-9:
+        problems.append(f"--max-concurrent: {max_concurrent} trials x {trial['CPU']:g} CPUs (scaling.num_workers x "
+                        f"scaling.cpus_per_worker + scaling.data_cpus + {DRIVER_CPUS:g} for the trial's driver) "
+                        f"need {trial['CPU'] * max_concurrent:g} CPUs, the cluster has {have.get('CPU', 0):g}; "
+                        f"lower --max-concurrent or the trial's CPUs")
+    for name in (n for n in trial if n != "CPU"):
+        if have.get(name, 0) < trial[name] * max_concurrent - 1e-9:
+            key = "scaling.use_gpu" if name == "GPU" else f"scaling.resources_per_worker.{name}"
+            problems.append(f"--max-concurrent: {max_concurrent} trials x {trial[name]:g} {name} ({key}) do not "
+                            f"fit the cluster's {have.get(name, 0):g}")
+    if problems and s.wait_for_gpus:
+        log.warning("waiting for the autoscaler (scaling.wait_for_gpus): %s", "; ".join(problems))
+    elif problems:
+        raise ConfigError(" | ".join(problems))
+    return trial["CPU"]
 
 
 def _init_ray(cfg: Config, max_concurrent: int) -> None:
-    import ray
+    from ..ray_cluster import connect
 
-    if ray.is_initialized():
-        return
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init()
-        return
     s = cfg.scaling
     need = s.num_workers * s.cpus_per_worker + s.data_cpus + DRIVER_CPUS
-    # Logical CPUs for K trials at once: the user chose K; each trial's torch threads are train.cpu_threads.
-    num_cpus = max(os.cpu_count() or 1, math.ceil(need * max_concurrent))
-    # The dashboard stays on: without it, placement groups of trials ASHA stops leak and later trials hang.
-    ray.init(num_cpus=num_cpus, object_store_memory=OBJECT_STORE_BYTES, include_dashboard=True,
-             log_to_driver=False)
+    # Logical CPUs for K trials at once (a local instance; a cluster joined through RAY_ADDRESS keeps its own):
+    # the user chose K; each trial's torch threads are train.cpu_threads. The dashboard stays on: without it,
+    # placement groups of trials ASHA stops leak and later trials hang.
+    connect(need * max_concurrent, OBJECT_STORE_BYTES, include_dashboard=True, log_to_driver=False)
 
 
 def _scheduler(name: str, cfg: Config, metric: str):
