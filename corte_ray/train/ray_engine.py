@@ -1,17 +1,16 @@
 """The Ray Train engine: the loop of loop.py on N workers (DDP student), fed by a Ray Data stream.
 
-Driver (`fit_ray`): checks the cluster can run the job, builds a Ray Data stream of target images joined with
-the label store (decoded in parallel by Ray Data tasks, in the order `sample_order` gives), and runs a
+Driver (`fit_ray`): checks the cluster can run the job and that the label store covers the split, and runs a
 `TorchTrainer` with `FailureConfig` (a lost worker restarts the group from the last checkpoint).
 
-Worker (`train_loop_per_worker`): `RayContext` gives the loop its rank, device, an all-reduce, its dataset
-shard and Ray Train's checkpoints. Only the student is wrapped in DDP; the EMA teacher and the metric head are
+Worker (`train_loop_per_worker`): `RayContext` gives the loop its rank, device, an all-reduce, its own stream
+of batches (feed.py: target images joined with the label store, decoded by an autoscaling Ray Data actor pool
+per rank, in the order `sample_order` gives) and Ray Train's checkpoints. Only the student is wrapped in DDP; the EMA teacher and the metric head are
 updated on every rank from identical (all-reduced) weights, so they stay identical without communication.
 """
 
 from __future__ import annotations
 
-import itertools
 import json
 import logging
 import os
@@ -20,7 +19,6 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
@@ -64,10 +62,13 @@ class RayContext:
         return nn.parallel.DistributedDataParallel(model, device_ids=ids)
 
     def batches(self, data, cfg: Config, start_step: int):
-        shard = ray.train.get_dataset_shard("train")
-        while True:  # the stream covers the remaining steps; after a restart it starts over, which is fine
-            for batch in shard.iter_torch_batches(batch_size=cfg.data.batch_size, drop_last=True):
-                yield batch
+        """This rank's batches from `start_step` on, in `sample_order`: a Ray Data stream the worker starts
+        itself (feed.py), so a restarted group reads exactly what the lost one would have read next."""
+        from .feed import ordered_batches, rank_stream
+
+        ds = rank_stream(data, cfg, self.rank, start_step)
+        return ordered_batches(ds.iter_batches(batch_size=None, batch_format="numpy"), cfg.data.batch_size,
+                               start_step, cfg.train.iterations)
 
     def load_latest_checkpoint(self, device: torch.device) -> tuple[dict | None, Path | None]:
         """Load inside `as_directory()`: local storage is read in place, remote storage is downloaded to a
@@ -168,17 +169,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         torch.save(state, Path(config["run_dir"]) / f"final_rank{ctx.rank}.pt")
 
 
-class LoadBatch:
-    """Ray Data callable: image indices -> decoded images + the box's stored answer (or ground truth)."""
-
-    def __init__(self, data) -> None:
-        self.data = data  # a loop.TargetTrainSet; the label store is opened lazily per process
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        items = [self.data[int(i)] for i in batch["index"]]
-        return {k: np.stack([it[k] for it in items]) for k in items[0]}
-
-
 def check_cluster(cfg: Config) -> None:
     """Fail at once where Ray itself would wait forever for resources that will never come."""
     res = ray.cluster_resources()
@@ -204,7 +194,7 @@ def fit_ray(cfg: Config, run_dir: str | Path, store_path: str | None, fault: dic
     """Run (or resume: same run_dir) one adaptation on Ray Train; returns the loop's last metrics.
 
     `callbacks`: Ray Train UserCallbacks (a Tune trial passes TuneReportCallback: each report -> one iteration)."""
-    from .loop import TargetTrainSet, TrainResult, sample_order
+    from .loop import TargetTrainSet, TrainResult
     from ..data.datasets import open_dataset
     from ..methods.steps import METHODS
     from ..blackbox.store import LabelStore
@@ -214,24 +204,14 @@ def fit_ray(cfg: Config, run_dir: str | Path, store_path: str | None, fault: dic
         ray.init(**({} if os.environ.get("RAY_ADDRESS") else {"num_cpus": os.cpu_count()}))
     check_cluster(cfg)
 
+    # Each worker streams its own batches (feed.py); the driver only checks that the store covers the split,
+    # so a store that does not fails here, naming it, instead of on every worker.
     method_cls = METHODS.get(cfg.method)
-    train_set = open_dataset(cfg.data.dataset, Path(cfg.data.root), split=cfg.data.train_split, city=cfg.data.city,
-                             labels_dir=cfg.data.labels_dir, label_space=cfg.data.label_space)
-    # The same columns as the worker's own TargetTrainSet (loop.train): labels also for the diagnostics.
-    diagnose = cfg.train.label_diagnostics and all(s.label is not None for s in train_set.samples)
-    data = TargetTrainSet(train_set, LabelStore(store_path) if method_cls.needs_box_labels else None,
-                          cfg.data.resize, with_labels=method_cls.needs_ground_truth or diagnose)
+    if method_cls.needs_box_labels and store_path:
+        train_set = open_dataset(cfg.data.dataset, Path(cfg.data.root), split=cfg.data.train_split,
+                                 city=cfg.data.city, labels_dir=cfg.data.labels_dir, label_space=cfg.data.label_space)
+        TargetTrainSet(train_set, LabelStore(store_path))
     start = _latest_step(run_dir)
-    world, b = cfg.scaling.num_workers, cfg.data.batch_size
-    remaining = max(0, cfg.train.iterations - start) * b * world
-    # One global order; with one worker it is exactly the local engine's order (rank 0), so the two engines
-    # can be compared step for step.
-    order = list(itertools.islice(iter(sample_order(len(data), b, cfg.train.seed, 0, start * world)), remaining))
-    ctx = ray.data.DataContext.get_current()
-    ctx.execution_options.preserve_order = True
-    ds = ray.data.from_items([{"index": i} for i in order] or [{"index": 0}])
-    ds = ds.map_batches(LoadBatch, fn_constructor_args=(data,), batch_size=b,
-                        compute=ray.data.ActorPoolStrategy(size=1), num_cpus=cfg.scaling.data_cpus)
 
     s = cfg.scaling
     trainer = TorchTrainer(
@@ -246,8 +226,6 @@ def fit_ray(cfg: Config, run_dir: str | Path, store_path: str | None, fault: dic
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints,
                                                          checkpoint_score_attribute="checkpoint_score",
                                                          checkpoint_score_order="max")),
-        datasets={"train": ds},
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
     )
     try:
         result = trainer.fit()

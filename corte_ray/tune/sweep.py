@@ -87,15 +87,16 @@ def sweep_base_config(cfg: Config, out: Path) -> Config:
 
 
 def _check_resources(cfg: Config, max_concurrent: int) -> float:
-    """CPUs one trial reserves (Train workers + the Ray Data decoding actor); fails if K trials cannot fit."""
+    """CPUs one trial reserves (Train workers + each worker's first Ray Data decode actor); fails if K trials cannot
+    fit."""
     import ray
 
     s = cfg.scaling
-    need = s.num_workers * s.cpus_per_worker + s.data_cpus + DRIVER_CPUS
+    need = s.num_workers * (s.cpus_per_worker + s.data_cpus) + DRIVER_CPUS
     have = ray.cluster_resources().get("CPU", 0)
     if have < need * max_concurrent - 1e-9:
         raise ConfigError(f"--max-concurrent: {max_concurrent} trials x {need:g} CPUs (scaling.num_workers x "
-                          f"scaling.cpus_per_worker + scaling.data_cpus) need {need * max_concurrent:g} CPUs, the "
+                          f"(scaling.cpus_per_worker + scaling.data_cpus)) need {need * max_concurrent:g} CPUs, the "
                           f"cluster has {have:g}; lower --max-concurrent or the trial's CPUs")
     if s.use_gpu and ray.cluster_resources().get("GPU", 0) < s.num_workers * max_concurrent:
         raise ConfigError(f"--max-concurrent: {max_concurrent} trials x {s.num_workers} GPUs do not fit the "
@@ -112,7 +113,7 @@ def _init_ray(cfg: Config, max_concurrent: int) -> None:
         ray.init()
         return
     s = cfg.scaling
-    need = s.num_workers * s.cpus_per_worker + s.data_cpus + DRIVER_CPUS
+    need = s.num_workers * (s.cpus_per_worker + s.data_cpus) + DRIVER_CPUS
     # Logical CPUs for K trials at once: the user chose K; each trial's torch threads are train.cpu_threads.
     num_cpus = max(os.cpu_count() or 1, math.ceil(need * max_concurrent))
     # The dashboard stays on: without it, placement groups of trials ASHA stops leak and later trials hang.
