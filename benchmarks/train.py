@@ -1,5 +1,6 @@
 """Training throughput: the plain loop (local engine) vs Ray Train with 1 worker (overhead %, goal <= 3 %) and with
-2 workers, on the synthetic benchmark with a stored label set.
+2 workers, on the synthetic benchmark with a stored label set; and the Ray engine's decode pipeline alone
+(train/feed.py, 1 and 2 decode actors, no trainer), the images/s it can feed.
 
     python benchmarks/train.py --iterations 60 --size 64x128 --batch 8 --threads 1
 
@@ -87,6 +88,26 @@ def main() -> None:
     ray.init(num_cpus=os.cpu_count(), object_store_memory=300 * 1024**2, include_dashboard=False)
     ray_start = time.perf_counter() - t0
     from corte_ray.train.ray_engine import fit_ray
+
+    # The decode pipeline alone (train/feed.py): what one rank's stream can feed, no trainer consuming it; its
+    # headroom over the trainer's images/s is what the decode actors leave to spare.
+    from corte_ray.train.feed import ordered_batches, rank_stream
+    from corte_ray.train.loop import TargetTrainSet
+
+    for actors in (1, 2):
+        c = cfg(1, "ray")
+        c.scaling.data_workers = actors
+        data = TargetTrainSet(open_dataset("synth", bench, split="train"), LabelStore(store), c.data.resize)
+        t0 = time.perf_counter()
+        n, t_first = 0, None
+        for batch in ordered_batches(rank_stream(data, c, 0, 0).iter_batches(batch_size=None, batch_format="numpy"),
+                                     args.batch, 0, args.iterations):
+            n += batch["image"].shape[0]
+            if t_first is None:
+                t_first, n = time.perf_counter(), 0   # exclude start-up (actor start, first block)
+        steady = n / max(time.perf_counter() - t_first, 1e-9)
+        rows[f"decode pipeline alone, {actors} actor{'s' if actors > 1 else ''}"] = {
+            "images_per_s": steady, "wall_s": time.perf_counter() - t0}
 
     for workers in (1, 2):
         run = work / f"ray{workers}"

@@ -387,8 +387,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="what the scheduler and the choice of best.yaml maximise (default: miou where the config "
                         "has a val split, else unsupervised)")
     p.add_argument("--max-concurrent", type=int, default=1,
-                   help="trials at once; each reserves scaling.num_workers x scaling.cpus_per_worker + "
-                        "scaling.data_cpus CPUs")
+                   help="trials at once; each reserves scaling.num_workers x (scaling.cpus_per_worker + "
+                        "scaling.data_cpus) CPUs")
     p.add_argument("--out", type=Path, default=Path("tune_out"), help="sweep directory")
     p.add_argument("--resume", action="store_true",
                    help="continue the sweep in --out (after a crash or a kill): finished trials are kept, "

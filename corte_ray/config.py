@@ -215,7 +215,8 @@ class ScalingConfig:
     use_gpu: bool = False                          # one GPU per worker
     cpus_per_worker: float = 1.0                   # fractional values leave CPUs to Ray Data
     max_failures: int = 0                          # worker-group restarts from the last checkpoint
-    data_cpus: float = 0.5                         # CPUs of the Ray Data task that decodes images for training
+    data_cpus: float = 0.5                         # CPUs of each Ray Data actor that decodes training images
+    data_workers: int = 2                          # decode actors per Train worker: the pool grows 1 -> this
     wait_for_gpus: bool = False                    # an autoscaling cluster: resources missing now (GPUs, CPUs,
                                                    # custom ones) are waited for, not refused at once
     resources_per_worker: dict[str, float] = field(default_factory=dict)  # custom Ray resources per Train worker,
@@ -225,6 +226,7 @@ class ScalingConfig:
         _check(self.num_workers >= 1, f"{p}.num_workers", "must be >= 1")
         _check(self.cpus_per_worker > 0, f"{p}.cpus_per_worker", "must be > 0")
         _check(self.data_cpus > 0, f"{p}.data_cpus", "must be > 0")
+        _check(self.data_workers >= 1, f"{p}.data_workers", "must be >= 1")
         _check(self.max_failures >= -1, f"{p}.max_failures", "must be >= -1 (-1 = retry forever)")
         for name, amount in self.resources_per_worker.items():
             _check(name not in ("CPU", "GPU"), f"{p}.resources_per_worker.{name}",

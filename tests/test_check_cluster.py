@@ -1,5 +1,5 @@
 """check_cluster counts everything a training job places (Train workers' CPUs, GPUs and custom resources plus
-the decode actor's scaling.data_cpus) and refuses at once what would otherwise hang; with scaling.wait_for_gpus
+each worker's decode actor, scaling.data_cpus) and refuses at once what would otherwise hang; with scaling.wait_for_gpus
 (an autoscaling cluster) it waits instead. No Ray instance: the cluster's resources are given."""
 
 from __future__ import annotations
@@ -18,19 +18,19 @@ def _cfg(*overrides):
 
 
 def test_workers_on_every_cpu_fail_at_once_naming_data_cpus():
-    # 2 workers x 1 CPU on a 2-CPU cluster: the workers fit, but Ray Data's decode actor never gets its CPU.
+    # 2 workers x 1 CPU on a 2-CPU cluster: the workers fit, but their decode actors never get a CPU.
     cfg = _cfg("scaling.num_workers=2", "scaling.cpus_per_worker=1", "scaling.data_cpus=0.5")
-    assert job_needs(cfg) == {"CPU": 2.5}
-    with pytest.raises(ConfigError, match=r"scaling\.data_cpus\) need 2\.5 CPUs, the cluster has 2") as err:
+    assert job_needs(cfg) == {"CPU": 3.0}
+    with pytest.raises(ConfigError, match=r"scaling\.data_cpus\)\) need 3 CPUs, the cluster has 2") as err:
         check_cluster(cfg, {"CPU": 2.0})
     assert "never starts" in str(err.value) and "scaling.cpus_per_worker" in str(err.value)
-    check_cluster(_cfg("scaling.num_workers=2", "scaling.cpus_per_worker=0.75", "scaling.data_cpus=0.5"),
-                  {"CPU": 2.0})                                      # 1.5 + 0.5 fits exactly
+    check_cluster(_cfg("scaling.num_workers=2", "scaling.cpus_per_worker=0.5", "scaling.data_cpus=0.5"),
+                  {"CPU": 2.0})                                      # 2 x (0.5 + 0.5) fits exactly
 
 
 def test_gpus_are_counted_per_worker():
     cfg = _cfg("scaling.num_workers=2", "scaling.use_gpu=true", "scaling.cpus_per_worker=1")
-    assert job_needs(cfg) == {"CPU": 2.5, "GPU": 2.0}
+    assert job_needs(cfg) == {"CPU": 3.0, "GPU": 2.0}
     with pytest.raises(ConfigError, match="scaling.use_gpu: the Ray cluster has 1 GPUs, scaling.num_workers=2"):
         check_cluster(cfg, {"CPU": 8.0, "GPU": 1.0})
     with pytest.raises(ConfigError, match="scaling.use_gpu: the Ray cluster has no GPUs"):
@@ -40,7 +40,7 @@ def test_gpus_are_counted_per_worker():
 
 def test_custom_resources_per_worker_are_counted_and_can_be_waited_for(caplog):
     cfg = _cfg("scaling.num_workers=2", "scaling.cpus_per_worker=0.5", "scaling.resources_per_worker={fake_gpu: 1}")
-    assert job_needs(cfg) == {"CPU": 1.5, "fake_gpu": 2.0}
+    assert job_needs(cfg) == {"CPU": 2.0, "fake_gpu": 2.0}
     with pytest.raises(ConfigError, match=r"scaling.resources_per_worker.fake_gpu: 2 workers x 1 need 2, the "
                                           r"cluster has 1"):
         check_cluster(cfg, {"CPU": 4.0, "fake_gpu": 1.0})

@@ -91,6 +91,26 @@ def test_killed_worker_restarts_from_checkpoint(ray_cluster, tiny_bench, store, 
     assert torch.load(result.checkpoint, weights_only=True)["step"] == 6
 
 
+def test_a_restarted_group_ends_with_the_weights_of_an_uninterrupted_run(ray_cluster, tiny_bench, store, tmp_path):
+    """Rank 1 dies at step 3 and the group restarts from the step-2 checkpoint: each worker's stream starts again
+    at step 2 (not at the run's first step), so the run ends with exactly the uninterrupted run's weights."""
+    from corte_ray.train.ray_engine import fit_ray
+
+    extra = ("method=distill", "scaling.num_workers=2", "train.iterations=5", "train.eval_every=0",
+             "train.checkpoint_every=2", "scaling.max_failures=1")
+    runs = {}
+    for name, fault in (("straight", None),
+                        ("restarted", {"rank": 1, "step": 3, "marker": str(tmp_path / "died"), "delay_s": 5.0})):
+        runs[name] = tmp_path / name
+        runs[name].mkdir()
+        assert fit_ray(_cfg(tiny_bench, store, *extra), runs[name], str(store), fault=fault,
+                       dump_final_weights=True).step == 5
+    assert (tmp_path / "died").exists()
+    a, b = (torch.load(runs[n] / "final_rank0.pt", weights_only=True)["student"] for n in ("straight", "restarted"))
+    for k, v in a.items():
+        assert torch.equal(v, b[k]), f"student {k} differs from the uninterrupted run"
+
+
 def test_gpu_request_without_gpus_fails_at_once(ray_cluster, tiny_bench, store, tmp_path):
     from corte_ray.errors import ConfigError
     from corte_ray.train.ray_engine import fit_ray
@@ -151,11 +171,11 @@ def test_more_cpus_than_the_cluster_has_fails_at_once(ray_cluster, tiny_bench, s
     from corte_ray.train.ray_engine import check_cluster
 
     cfg = _cfg(tiny_bench, store, "method=distill", "scaling.num_workers=4", "scaling.cpus_per_worker=1.0")
-    with pytest.raises(ConfigError, match=r"scaling.num_workers: 4 workers x 1 CPUs \(scaling.cpus_per_worker\) \+ "
-                                         r"0.5 for the decode actor \(scaling.data_cpus\) need 4.5 CPUs, the cluster "
-                                         r"has 2"):
+    with pytest.raises(ConfigError, match=r"scaling.num_workers: 4 workers x \(1 CPUs \(scaling.cpus_per_worker\) \+ "
+                                         r"0.5 for its decode actor \(scaling.data_cpus\)\) need 6 CPUs, the "
+                                         r"cluster has 2"):
         check_cluster(cfg)
-    check_cluster(_cfg(tiny_bench, store, "method=distill", "scaling.num_workers=2"))   # 2 x 0.5 fits
+    check_cluster(_cfg(tiny_bench, store, "method=distill", "scaling.num_workers=2"))   # 2 x (0.5 + 0.5) fits
 
 
 @pytest.mark.slow
@@ -229,8 +249,8 @@ def _ddp_reference_rank(rank: int, world: int, port: int, cfg_dict: dict, run: s
 @pytest.mark.slow
 def test_two_ray_workers_follow_a_two_process_ddp_reference(ray_cluster, tiny_bench, store, tmp_path):
     """Ray Train with 2 workers (DDP) against the same loop in 2 local processes on torch.distributed: same
-    seeds and global batch; the workers' shards are not the reference's per-rank batches, so the curves agree
-    within a tolerance: every step's loss within 15 %, the mean within 5 %."""
+    seeds, and each Ray worker's stream is its rank's `sample_order` (feed.py), the reference's per-rank
+    batches: the loss curves are equal up to float reordering between processes."""
     import socket
 
     import torch.multiprocessing as mp
@@ -250,7 +270,5 @@ def test_two_ray_workers_follow_a_two_process_ddp_reference(ray_cluster, tiny_be
              nprocs=2, join=True)
     a, b = _scalars(ray_run, "train/loss"), _scalars(ref_run, "train/loss")
     assert len(a) == len(b) == 8
-    for x, y in zip(a, b):
-        assert x == pytest.approx(y, rel=0.15)
-    assert sum(a) / 8 == pytest.approx(sum(b) / 8, rel=0.05)
-    assert a[-1] < a[0] and b[-1] < b[0]          # both learn
+    assert a == pytest.approx(b, rel=1e-4, abs=1e-5)
+    assert a[-1] < a[0]                            # and it learns

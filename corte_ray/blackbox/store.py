@@ -324,6 +324,7 @@ class LabelStore:
                     PartCheck(check.path, check.keys, f"unreadable ({type(err).__name__})"), self.root)) from None
             self._parts.append(check.path)
         self._cache: tuple[tuple[Path, int], dict] | None = None
+        self._prefetched: dict[str, dict] = {}
 
     def __len__(self) -> int:
         return len(self._index)
@@ -351,19 +352,44 @@ class LabelStore:
         doc = json.loads(path.read_text())
         return np.array([np.nan if v is None else v for v in doc["class_mean_rc"]], dtype=np.float64)
 
-    def get(self, key: str) -> BoxLabels:
+    def _locate(self, key: str) -> tuple[Path, int, int]:
         try:
-            part, rg, i = self._index[key]
+            return self._index[key]
         except KeyError:
             raise InputError(self.root, f"no labels for image {key!r} in the store; rerun `corte-ray label` "
                                         "on this dataset to add it") from None
-        if self._cache is None or self._cache[0] != (part, rg):
-            try:
-                self._cache = ((part, rg), pq.ParquetFile(part).read_row_group(rg).to_pydict())
-            except Exception as err:  # noqa: BLE001 - changed on disk since it was opened
-                raise InputError(part, _damage_message(PartCheck(part, [], f"unreadable ({type(err).__name__})"),
-                                                       self.root)) from None
-        row = {k: v[i] for k, v in self._cache[1].items()}
+
+    def _read_row_groups(self, part: Path, row_groups: list[int]) -> dict[int, dict]:
+        """{row group: its rows as a column dict} of one part, in one read."""
+        try:
+            f = pq.ParquetFile(part)
+            return {rg: f.read_row_group(rg).to_pydict() for rg in row_groups}
+        except Exception as err:  # noqa: BLE001 - changed on disk since it was opened
+            raise InputError(part, _damage_message(PartCheck(part, [], f"unreadable ({type(err).__name__})"),
+                                                   self.root)) from None
+
+    def prefetch(self, keys: Sequence[str]) -> None:
+        """Read the rows of `keys` part by part (each part opened once, only the row groups needed), for the
+        `get` calls that follow; replaces what an earlier prefetch held. The training stream calls it once
+        per block of images: random access costs one file open per part touched, not one per image."""
+        by_part: dict[Path, set[int]] = {}
+        for key in keys:
+            part, rg, _ = self._locate(key)
+            by_part.setdefault(part, set()).add(rg)
+        groups = {(part, rg): cols for part, rgs in by_part.items()
+                  for rg, cols in self._read_row_groups(part, sorted(rgs)).items()}
+        self._prefetched = {}
+        for key in keys:
+            part, rg, i = self._index[key]
+            self._prefetched[key] = {k: v[i] for k, v in groups[(part, rg)].items()}
+
+    def get(self, key: str) -> BoxLabels:
+        row = self._prefetched.get(key)
+        if row is None:
+            part, rg, i = self._locate(key)
+            if self._cache is None or self._cache[0] != (part, rg):
+                self._cache = ((part, rg), self._read_row_groups(part, [rg])[rg])
+            row = {k: v[i] for k, v in self._cache[1].items()}
         h, w = row["height"], row["width"]
         if self.kind == "hard":
             top1 = np.frombuffer(row["hard"], dtype=np.uint8).reshape(h, w)

@@ -1,17 +1,16 @@
 """The Ray Train engine: the loop of loop.py on N workers (DDP student), fed by a Ray Data stream.
 
-Driver (`fit_ray`): checks the cluster can run the job, builds a Ray Data stream of target images joined with
-the label store (decoded in parallel by Ray Data tasks, in the order `sample_order` gives), and runs a
+Driver (`fit_ray`): checks the cluster can run the job and that the label store covers the split, and runs a
 `TorchTrainer` with `FailureConfig` (a lost worker restarts the group from the last checkpoint).
 
-Worker (`train_loop_per_worker`): `RayContext` gives the loop its rank, device, an all-reduce, its dataset
-shard and Ray Train's checkpoints. Only the student is wrapped in DDP; the EMA teacher and the metric head are
+Worker (`train_loop_per_worker`): `RayContext` gives the loop its rank, device, an all-reduce, its own stream
+of batches (feed.py: target images joined with the label store, decoded by an autoscaling Ray Data actor pool
+per rank, in the order `sample_order` gives) and Ray Train's checkpoints. Only the student is wrapped in DDP; the EMA teacher and the metric head are
 updated on every rank from identical (all-reduced) weights, so they stay identical without communication.
 """
 
 from __future__ import annotations
 
-import itertools
 import json
 import logging
 import os
@@ -20,7 +19,6 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
@@ -64,10 +62,13 @@ class RayContext:
         return nn.parallel.DistributedDataParallel(model, device_ids=ids)
 
     def batches(self, data, cfg: Config, start_step: int):
-        shard = ray.train.get_dataset_shard("train")
-        while True:  # the stream covers the remaining steps; after a restart it starts over, which is fine
-            for batch in shard.iter_torch_batches(batch_size=cfg.data.batch_size, drop_last=True):
-                yield batch
+        """This rank's batches from `start_step` on, in `sample_order`: a Ray Data stream the worker starts
+        itself (feed.py), so a restarted group reads exactly what the lost one would have read next."""
+        from .feed import ordered_batches, rank_stream
+
+        ds = rank_stream(data, cfg, self.rank, start_step)
+        return ordered_batches(ds.iter_batches(batch_size=None, batch_format="numpy"), cfg.data.batch_size,
+                               start_step, cfg.train.iterations)
 
     def load_latest_checkpoint(self, device: torch.device) -> tuple[dict | None, Path | None]:
         """Load inside `as_directory()`: local storage is read in place, remote storage is downloaded to a
@@ -168,23 +169,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         torch.save(state, Path(config["run_dir"]) / f"final_rank{ctx.rank}.pt")
 
 
-class LoadBatch:
-    """Ray Data callable: image indices -> decoded images + the box's stored answer (or ground truth)."""
-
-    def __init__(self, data) -> None:
-        self.data = data  # a loop.TargetTrainSet; the label store is opened lazily per process
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        items = [self.data[int(i)] for i in batch["index"]]
-        return {k: np.stack([it[k] for it in items]) for k in items[0]}
-
-
 def job_needs(cfg: Config) -> dict[str, float]:
     """Every resource the training job places at once: the Train workers (CPUs, a GPU each with use_gpu, their
-    custom resources) plus the decode actors of the Ray Data stream (scaling.data_cpus), whose budget Ray Data
-    keeps apart from the Train workers' CPUs. Train V2's controller and helper actors reserve nothing."""
+    custom resources) plus each worker's first decode actor (scaling.data_cpus; feed.py), which must find room
+    besides the workers or the input stream never starts; the pool's further actors start only where there is room. Train V2's controller and helper actors reserve nothing."""
     s = cfg.scaling
-    need = {"CPU": s.num_workers * s.cpus_per_worker + s.data_cpus}
+    need = {"CPU": s.num_workers * (s.cpus_per_worker + s.data_cpus)}
     if s.use_gpu:
         need["GPU"] = float(s.num_workers)
     for name, amount in s.resources_per_worker.items():
@@ -209,11 +199,10 @@ def check_cluster(cfg: Config, resources: dict[str, float] | None = None) -> Non
                         f"or fewer scaling.num_workers, or scaling.wait_for_gpus=true on an autoscaling cluster "
                         f"whose GPU nodes start on demand")
     if cpus < need["CPU"] - 1e-9:
-        problems.append(f"scaling.num_workers: {s.num_workers} workers x {s.cpus_per_worker:g} CPUs "
-                        f"(scaling.cpus_per_worker) + {s.data_cpus:g} for the decode actor (scaling.data_cpus) "
-                        f"need {need['CPU']:g} CPUs, the cluster has {cpus:g}; Ray Data's budget excludes the Train "
-                        f"workers' CPUs, so without room for scaling.data_cpus the input stream never starts and "
-                        f"training hangs: lower scaling.cpus_per_worker (fractions are fine), scaling.num_workers "
+        problems.append(f"scaling.num_workers: {s.num_workers} workers x ({s.cpus_per_worker:g} CPUs "
+                        f"(scaling.cpus_per_worker) + {s.data_cpus:g} for its decode actor (scaling.data_cpus)) "
+                        f"need {need['CPU']:g} CPUs, the cluster has {cpus:g}; without room for scaling.data_cpus "
+                        f"beside the Train workers the input stream never starts and training hangs: lower scaling.cpus_per_worker (fractions are fine), scaling.num_workers "
                         f"or scaling.data_cpus")
     for name, amount in s.resources_per_worker.items():
         if res.get(name, 0.0) < need[name] - 1e-9:
@@ -239,7 +228,7 @@ def fit_ray(cfg: Config, run_dir: str | Path, store_path: str | None, fault: dic
     """Run (or resume: same run_dir) one adaptation on Ray Train; returns the loop's last metrics.
 
     `callbacks`: Ray Train UserCallbacks (a Tune trial passes TuneReportCallback: each report -> one iteration)."""
-    from .loop import TargetTrainSet, TrainResult, sample_order
+    from .loop import TargetTrainSet, TrainResult
     from ..data.datasets import open_dataset
     from ..methods.steps import METHODS
     from ..blackbox.store import LabelStore
@@ -251,24 +240,14 @@ def fit_ray(cfg: Config, run_dir: str | Path, store_path: str | None, fault: dic
     connect(os.cpu_count() or 1)
     check_cluster(cfg)
 
+    # Each worker streams its own batches (feed.py); the driver only checks that the store covers the split,
+    # so a store that does not fails here, naming it, instead of on every worker.
     method_cls = METHODS.get(cfg.method)
-    train_set = open_dataset(cfg.data.dataset, Path(cfg.data.root), split=cfg.data.train_split, city=cfg.data.city,
-                             labels_dir=cfg.data.labels_dir, label_space=cfg.data.label_space)
-    # The same columns as the worker's own TargetTrainSet (loop.train): labels also for the diagnostics.
-    diagnose = cfg.train.label_diagnostics and all(s.label is not None for s in train_set.samples)
-    data = TargetTrainSet(train_set, LabelStore(store_path) if method_cls.needs_box_labels else None,
-                          cfg.data.resize, with_labels=method_cls.needs_ground_truth or diagnose)
+    if method_cls.needs_box_labels and store_path:
+        train_set = open_dataset(cfg.data.dataset, Path(cfg.data.root), split=cfg.data.train_split,
+                                 city=cfg.data.city, labels_dir=cfg.data.labels_dir, label_space=cfg.data.label_space)
+        TargetTrainSet(train_set, LabelStore(store_path))
     start = _latest_step(run_dir)
-    world, b = cfg.scaling.num_workers, cfg.data.batch_size
-    remaining = max(0, cfg.train.iterations - start) * b * world
-    # One global order; with one worker it is exactly the local engine's order (rank 0), so the two engines
-    # can be compared step for step.
-    order = list(itertools.islice(iter(sample_order(len(data), b, cfg.train.seed, 0, start * world)), remaining))
-    ctx = ray.data.DataContext.get_current()
-    ctx.execution_options.preserve_order = True
-    ds = ray.data.from_items([{"index": i} for i in order] or [{"index": 0}])
-    ds = ds.map_batches(LoadBatch, fn_constructor_args=(data,), batch_size=b,
-                        compute=ray.data.ActorPoolStrategy(size=1), num_cpus=cfg.scaling.data_cpus)
 
     s = cfg.scaling
     trainer = TorchTrainer(
@@ -284,8 +263,6 @@ def fit_ray(cfg: Config, run_dir: str | Path, store_path: str | None, fault: dic
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints,
                                                          checkpoint_score_attribute="checkpoint_score",
                                                          checkpoint_score_order="max")),
-        datasets={"train": ds},
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
     )
     try:
         result = trainer.fit()

@@ -87,7 +87,8 @@ def sweep_base_config(cfg: Config, out: Path) -> Config:
 
 
 def _check_resources(cfg: Config, max_concurrent: int, resources: dict[str, float] | None = None) -> float:
-    """CPUs one trial reserves (Train workers + the Ray Data decoding actor + its driver); fails if K trials
+    """CPUs one trial reserves (Train workers + each worker's first Ray Data decode actor + its
+    driver); fails if K trials
     cannot fit, counting GPUs and scaling.resources_per_worker too. With scaling.wait_for_gpus (an autoscaling
     cluster) what is missing now is only logged. `resources`: the cluster's (default: ray.cluster_resources())."""
     import ray
@@ -101,7 +102,7 @@ def _check_resources(cfg: Config, max_concurrent: int, resources: dict[str, floa
     problems = []
     if have.get("CPU", 0) < trial["CPU"] * max_concurrent - 1e-9:
         problems.append(f"--max-concurrent: {max_concurrent} trials x {trial['CPU']:g} CPUs (scaling.num_workers x "
-                        f"scaling.cpus_per_worker + scaling.data_cpus + {DRIVER_CPUS:g} for the trial's driver) "
+                        f"(scaling.cpus_per_worker + scaling.data_cpus) + {DRIVER_CPUS:g} for the trial's driver) "
                         f"need {trial['CPU'] * max_concurrent:g} CPUs, the cluster has {have.get('CPU', 0):g}; "
                         f"lower --max-concurrent or the trial's CPUs")
     for name in (n for n in trial if n != "CPU"):
@@ -120,7 +121,7 @@ def _init_ray(cfg: Config, max_concurrent: int) -> None:
     from ..ray_cluster import connect
 
     s = cfg.scaling
-    need = s.num_workers * s.cpus_per_worker + s.data_cpus + DRIVER_CPUS
+    need = s.num_workers * (s.cpus_per_worker + s.data_cpus) + DRIVER_CPUS
     # Logical CPUs for K trials at once (a local instance; a cluster joined through RAY_ADDRESS keeps its own):
     # the user chose K; each trial's torch threads are train.cpu_threads. The dashboard stays on: without it,
     # placement groups of trials ASHA stops leak and later trials hang.
