@@ -25,7 +25,7 @@ import io
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Iterator, Union
 from urllib.parse import urlparse
@@ -106,6 +106,8 @@ class RemotePath:
     "directory" is a key prefix: it exists when something is stored under it."""
 
     uri: str
+    # "file" / "dir" when this path came from a listing (saves a request per entry in is_file / is_dir).
+    kind: str | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         scheme, rest = self.uri.split("://", 1)
@@ -185,9 +187,13 @@ class RemotePath:
         return self._info().type != pafs.FileType.NotFound
 
     def is_file(self) -> bool:
+        if self.kind is not None:
+            return self.kind == "file"
         return self._info().type == pafs.FileType.File
 
     def is_dir(self) -> bool:
+        if self.kind is not None:
+            return self.kind == "dir"
         return self._info().type == pafs.FileType.Directory
 
     def stat(self) -> _Stat:
@@ -203,7 +209,8 @@ class RemotePath:
         except FileNotFoundError:
             infos = []
         for info in sorted(infos, key=lambda i: i.path):
-            yield RemotePath(f"{self.scheme}://{info.path}")
+            kind = {pafs.FileType.File: "file", pafs.FileType.Directory: "dir"}.get(info.type)
+            yield RemotePath(f"{self.scheme}://{info.path}", kind)
 
     def glob(self, pattern: str) -> Iterator["RemotePath"]:
         """pathlib's glob for patterns without `**`: each "/"-separated part matched against one level."""

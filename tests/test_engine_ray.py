@@ -14,6 +14,7 @@ import torch
 from corte_ray.config import load_config
 from corte_ray.models import build_source_model
 from corte_ray.export import export_model
+from tests.engine_hooks import TestHooks
 
 pytestmark = pytest.mark.ray
 
@@ -58,9 +59,13 @@ def test_two_workers_train_and_stay_identical(ray_cluster, tiny_bench, store, tm
     run.mkdir()
     cfg = _cfg(tiny_bench, store, "method=corte_metric", "scaling.num_workers=2", "train.iterations=4",
                "train.eval_every=2", "train.checkpoint_every=2", "stvm.metric_pixels=64")
-    result = fit_ray(cfg, run, str(store), dump_final_weights=True)
+    result = fit_ray(cfg, run, str(store), hooks=TestHooks(dump_final=run))
     assert result.step == 4 and 0 <= result.metrics["val_miou"] <= 100
-    assert result.checkpoint.exists() and (run / "step_0000004" / "checkpoint.pt").exists()
+    # the one layout of both engines: RUN/checkpoints/step_NNNNNNN (newest 2 kept) and RUN/checkpoints/best
+    assert result.checkpoint == run / "checkpoints" / "step_0000004" / "checkpoint.pt" and result.checkpoint.exists()
+    assert sorted(p.name for p in (run / "checkpoints").glob("step_*")) == ["step_0000002", "step_0000004"]
+    best = torch.load(run / "checkpoints" / "best" / "checkpoint.pt", weights_only=True)
+    assert best["best_miou"] == max(json.loads(l)["val_miou"] for l in (run / "metrics.jsonl").read_text().splitlines())
     lines = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
     assert [l["step"] for l in lines] == [2, 4] and all("loss_metric" in l for l in lines[1:])
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
@@ -81,8 +86,8 @@ def test_killed_worker_restarts_from_checkpoint(ray_cluster, tiny_bench, store, 
     marker = tmp_path / "fault_fired"
     cfg = _cfg(tiny_bench, store, "method=distill", "scaling.num_workers=2", "train.iterations=6",
                "train.eval_every=0", "train.checkpoint_every=2", "scaling.max_failures=1")
-    result = fit_ray(cfg, run, str(store), fault={"rank": 1, "step": 3, "marker": str(marker),
-                                                          "delay_s": 5.0})
+    result = fit_ray(cfg, run, str(store), hooks=TestHooks(kill={"rank": 1, "step": 3, "marker": str(marker),
+                                                                  "delay_s": 5.0}))
     assert marker.exists()                         # the worker really died at step 3
     assert result.step == 6
     steps = [json.loads(l)["step"] for l in (run / "metrics.jsonl").read_text().splitlines()]
@@ -140,7 +145,8 @@ def test_failed_run_resumes_from_the_cli(ray_cluster, tiny_bench, store, tmp_pat
                "train.eval_every=0", "train.checkpoint_every=2", "scaling.max_failures=0")
     save_config(cfg, run / "config.yaml")   # what `corte-ray adapt` writes before it starts
     with pytest.raises(CorteError, match="--resume"):
-        fit_ray(cfg, run, str(store), fault={"rank": 0, "step": 3, "marker": str(tmp_path / "m"), "delay_s": 5.0})
+        fit_ray(cfg, run, str(store), hooks=TestHooks(kill={"rank": 0, "step": 3, "marker": str(tmp_path / "m"),
+                                                             "delay_s": 5.0}))
     assert main(["-q", "adapt", "--out", str(run), "--resume"]) == 0
     steps = [json.loads(l)["step"] for l in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == [2, 4]                  # resumed after step 2, no step repeated
@@ -169,10 +175,10 @@ def test_killed_corte_worker_restores_teacher_thresholds_and_generators(ray_clus
                "train.eval_every=0", "train.checkpoint_every=2", "train.keep_checkpoints=5", "scaling.max_failures=1",
                "corte.warmup=0.0",
                "corte.refine_start=0.0")
-    result = fit_ray(cfg, run, str(store), fault={"rank": 1, "step": 3, "marker": str(tmp_path / "died"),
-                                                  "delay_s": 5.0, "dump_resumed": True})
+    result = fit_ray(cfg, run, str(store), hooks=TestHooks(kill={"rank": 1, "step": 3, "marker": str(tmp_path / "died"),
+                                                                 "delay_s": 5.0}, dump_resumed=run))
     assert (tmp_path / "died").exists() and result.step == 5
-    ckpt = torch.load(run / "step_0000002" / "checkpoint.pt", weights_only=True)
+    ckpt = torch.load(run / "checkpoints" / "step_0000002" / "checkpoint.pt", weights_only=True)
     initial = ckpt["method"]
     for rank in (0, 1):
         got = torch.load(run / f"resumed_rank{rank}.pt", weights_only=True)
