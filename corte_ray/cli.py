@@ -390,7 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-concurrent", type=int, default=1,
                    help="trials at once; each reserves scaling.num_workers x scaling.cpus_per_worker + "
                         "scaling.data_cpus CPUs")
-    p.add_argument("--out", type=Path, default=Path("tune_out"), help="sweep directory")
+    p.add_argument("--out", type=as_path, default=Path("tune_out"), help="sweep directory, local or s3:// / gs:// URI")
     p.add_argument("--resume", action="store_true",
                    help="continue the sweep in --out (after a crash or a kill): finished trials are kept, "
                         "unfinished ones continue from their last checkpoint; the other options come from OUT/sweep.json")
