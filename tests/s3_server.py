@@ -5,7 +5,11 @@ needs to reach it: the standard AWS variables, with AWS_ENDPOINT_URL pointing at
 
 from __future__ import annotations
 
+import os
 import socket
+import uuid
+
+import pytest
 
 
 def free_port() -> int:
@@ -15,8 +19,11 @@ def free_port() -> int:
 
 
 def start_server():
+    import logging
+
     from moto.server import ThreadedMotoServer
 
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)   # one line per request otherwise
     port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
@@ -40,3 +47,26 @@ def make_bucket(name: str) -> None:
     url = urlparse(os.environ["AWS_ENDPOINT_URL"])
     pafs.S3FileSystem(endpoint_override=url.netloc, scheme=url.scheme, region="us-east-1",
                       allow_bucket_creation=True).create_dir(name)
+
+
+@pytest.fixture(scope="module")
+def s3_server():
+    """A moto server for the module, with this process's environment pointed at it (restored afterwards)."""
+    server, endpoint = start_server()
+    saved = {k: os.environ.get(k) for k in s3_env(endpoint)}
+    os.environ.update(s3_env(endpoint))
+    yield endpoint
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    server.stop()
+
+
+@pytest.fixture
+def bucket(s3_server) -> str:
+    """A fresh bucket's name."""
+    name = f"b-{uuid.uuid4().hex[:12]}"
+    make_bucket(name)
+    return name

@@ -6,38 +6,20 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import uuid
 from pathlib import Path
 
 import pytest
 
 from corte_ray import storage
 from corte_ray.io_utils import append_line, write_atomic, write_json_atomic
-from tests.s3_server import make_bucket, s3_env, start_server
-
-
-@pytest.fixture(scope="module")
-def s3_server():
-    server, endpoint = start_server()
-    saved = {k: os.environ.get(k) for k in s3_env(endpoint)}
-    os.environ.update(s3_env(endpoint))
-    yield endpoint
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-    server.stop()
+from tests.s3_server import bucket, s3_server  # noqa: F401 - fixtures
 
 
 @pytest.fixture(params=["local", "s3"])
 def root(request, tmp_path):
     if request.param == "local":
         return tmp_path / "root"
-    request.getfixturevalue("s3_server")
-    bucket = f"b-{uuid.uuid4().hex[:12]}"
-    make_bucket(bucket)
-    return storage.as_path(f"s3://{bucket}/root")
+    return storage.as_path(f"s3://{request.getfixturevalue('bucket')}/root")
 
 
 def test_uris_are_not_local_paths():
@@ -114,3 +96,92 @@ def test_missing_bucket_is_an_input_error(s3_server):
 
     with pytest.raises(InputError, match="s3://no-such-bucket-xyz/a.json"):
         write_json_atomic(storage.as_path("s3://no-such-bucket-xyz/a.json"), {})
+
+
+# ------------------------------------------------------------------ what the package keeps on storage
+def test_synth_dataset_on_s3_lists_and_reads_like_the_local_copy(tiny_bench, bucket):
+    from corte_ray.data.datasets import open_dataset
+
+    storage.upload(tiny_bench, f"s3://{bucket}/bench")
+    for split in ("train", "val", "source"):
+        local = open_dataset("synth", tiny_bench, split=split)
+        remote = open_dataset("synth", f"s3://{bucket}/bench", split=split)
+        assert [s.key for s in remote] == [s.key for s in local] and len(local) > 0
+        assert str(remote.samples[0].image).startswith(f"s3://{bucket}/bench/")
+        a, b = local.samples[0], remote.samples[0]
+        assert (local.read_image(a) == remote.read_image(b)).all()
+        assert (local.read_label(a) == remote.read_label(b)).all()
+
+
+def test_dataset_formats_without_uri_support_say_so(bucket):
+    from corte_ray.data.datasets import open_dataset
+    from corte_ray.errors import ConfigError, InputError
+
+    with pytest.raises(ConfigError, match=r"--root s3://.*'folder' reads local folders only"):
+        open_dataset("folder", f"s3://{bucket}/imgs", split="train")
+    with pytest.raises(InputError, match=f"s3://{bucket}/nothing: dataset root not found"):
+        open_dataset("synth", f"s3://{bucket}/nothing", split="train")
+
+
+def test_label_store_on_s3_equals_the_local_one_and_catches_damage(tiny_bench, bucket, tmp_path):
+    import numpy as np
+
+    import torch
+
+    from corte_ray.blackbox import open_blackbox
+    from corte_ray.blackbox.store import LabelStore, LabelStoreWriter, label_dataset_local
+    from corte_ray.data.datasets import open_dataset
+    from corte_ray.errors import InputError
+    from corte_ray.export import export_model
+    from tests.tiny_net import TinySegNet
+
+    torch.manual_seed(0)
+    export_model(TinySegNet(num_classes=19).eval(), tmp_path / "box.pt", example_size=(64, 96))
+    storage.upload(tmp_path / "box.pt", f"s3://{bucket}/box.pt")
+    dataset = open_dataset("synth", tiny_bench, split="train")
+    uri = f"s3://{bucket}/labels"
+    with open_blackbox(f"file:{tmp_path / 'box.pt'}", device="cpu") as box:
+        label_dataset_local(dataset, box, tmp_path / "labels", batch_size=4)
+    with open_blackbox(f"file:s3://{bucket}/box.pt", device="cpu") as box:   # the model file from the bucket
+        assert box.name == f"file:s3://{bucket}/box.pt"
+        label_dataset_local(dataset, box, uri, batch_size=4)
+    local, remote = LabelStore(tmp_path / "labels"), LabelStore(uri)
+    assert remote.keys() == local.keys() and len(remote) == len(dataset)
+    for key in local.keys()[:3]:
+        a, b = local.get(key), remote.get(key)
+        assert (a.top1 == b.top1).all() and np.allclose(a.p1, b.p1)
+    assert json.loads(storage.as_path(f"{uri}/thresholds.json").read_text())["num_images"] == len(dataset)
+    # a part whose bytes changed in the bucket is refused by name, and the next labelling moves it aside
+    part = sorted(storage.as_path(uri).glob("parts/*.parquet"))[0]
+    data = bytearray(part.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    part.write_bytes(bytes(data))
+    with pytest.raises(InputError, match=part.name):
+        LabelStore(uri)
+    writer = LabelStoreWriter(uri, json.loads(storage.as_path(f"{uri}/meta.json").read_text()))
+    assert len(writer.done_keys()) < len(dataset) and not part.exists()
+    assert (storage.as_path(uri) / "damaged" / part.name).is_file()
+
+
+def test_checkpoint_layout_and_retention_on_s3(bucket):
+    import torch
+
+    from corte_ray.train.context import LocalContext
+
+    run = f"s3://{bucket}/run"
+    ctx = LocalContext(run, torch.device("cpu"), keep_checkpoints=2)
+    for step, best in ((1, True), (2, False), (3, False)):
+        ctx.save_checkpoint({"step": step, "w": torch.full((2,), float(step))}, step, best)
+    ckpts = storage.as_path(run) / "checkpoints"
+    assert [p.name for p in ckpts.iterdir()] == ["best", "step_0000002", "step_0000003"]
+    assert storage.load_torch(ckpts / "best" / "checkpoint.pt")["step"] == 1
+    # the newest one torn (a half-uploaded file from another tool): resume takes the one before it
+    (ckpts / "step_0000003" / "checkpoint.pt").write_bytes(b"torn")
+    state, path = ctx.load_latest_checkpoint(torch.device("cpu"))
+    assert state["step"] == 2 and str(path) == f"{run}/checkpoints/step_0000002/checkpoint.pt"
+    ctx.report({"step": 3, "loss": 0.5})
+    ctx.report({"step": 4, "loss": 0.25})
+    # a new context (a restarted process) appends to what the bucket holds, whole lines only
+    LocalContext(run, torch.device("cpu")).report({"step": 5, "loss": 0.1})
+    lines = (storage.as_path(run) / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(l)["step"] for l in lines] == [3, 4, 5]
