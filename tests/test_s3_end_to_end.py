@@ -132,3 +132,34 @@ def test_label_and_adapt_on_s3_then_resume_from_the_bucket(s3, tmp_path):
     assert f"resumed from {run2}/checkpoints/step_0000002/checkpoint.pt at step 2" in res.stderr
     assert _metrics_steps(run2) == [2, 4] and json.loads(res.stdout)["step"] == 4
     assert storage.load_torch(storage.as_path(run2) / "checkpoints" / "step_0000004" / "checkpoint.pt")["step"] == 4
+
+
+def test_sweep_directory_on_s3(s3, tmp_path):
+    """`corte-ray tune --out s3://...`: the sweep labels once into the bucket, Tune keeps its state there, every
+    trial's run directory is there, and the leaderboard and best.yaml are written there."""
+    import csv
+    import io
+
+    from tests.tune_helpers import write_tiny_config
+
+    inputs, cwd = tmp_path / "inputs", tmp_path / "cwd"
+    inputs.mkdir()
+    cwd.mkdir()
+    cfg = write_tiny_config(inputs / "cfg.yaml", f"s3://{BUCKET}/bench", f"file:s3://{BUCKET}/models/box.pt",
+                            iterations=4, eval_every=2)
+    space = inputs / "space.yaml"
+    space.write_text("method: corte\nknobs:\n  train.lr: {grid: [1.0e-2, 1.0e-4]}\n")
+    sweep = f"s3://{BUCKET}/sweeps/tiny"
+    _run(["tune", "--config", str(cfg), "--space", str(space), "--samples", "1", "--scheduler", "none",
+          "--out", sweep], s3, cwd)
+    root = storage.as_path(sweep)
+    rows = list(csv.DictReader(io.StringIO((root / "leaderboard.csv").read_text())))
+    assert len(rows) == 2 and all(r["status"] == "done" and int(r["steps"]) == 4 for r in rows), rows
+    assert (root / "best.yaml").is_file() and (root / "labels" / "thresholds.json").is_file()
+    assert list(root.glob("tune/*")), "Tune's experiment state is not in the bucket"
+    for r in rows:
+        run = f"{sweep}/trials/{r['trial_id']}"
+        assert _metrics_steps(run) == [2, 4]
+        assert list(storage.as_path(run).glob("tensorboard/events.out.tfevents.*"))
+        assert (storage.as_path(run) / "checkpoints" / "step_0000004" / "checkpoint.pt").is_file()
+    assert not list(cwd.iterdir()), "the CLI wrote into its working directory"
