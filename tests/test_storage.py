@@ -185,3 +185,41 @@ def test_checkpoint_layout_and_retention_on_s3(bucket):
     LocalContext(run, torch.device("cpu")).report({"step": 5, "loss": 0.1})
     lines = (storage.as_path(run) / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(l)["step"] for l in lines] == [3, 4, 5]
+
+
+def test_local_engine_trains_into_an_s3_run_dir(tiny_bench, bucket, tmp_path):
+    """The local engine with its run directory in the bucket: checkpoints, best, metrics.jsonl, TensorBoard
+    and progress.json land there (TensorBoard written locally, synced at every report)."""
+    import torch
+
+    from corte_ray.blackbox.store import LabelStore
+    from corte_ray.config import load_config
+    from corte_ray.train.context import LocalContext
+    from corte_ray.train.loop import train
+    from tests.tune_helpers import label_tiny_store
+
+    store = label_tiny_store(tmp_path, tiny_bench)
+    cfg = load_config(None, ["method=corte", "data.dataset=synth", f"data.root={tiny_bench}",
+                             "model.student=mobilenetv3_small_lraspp", "data.batch_size=2", "data.crop_size=[48,64]",
+                             "data.val_max_images=2", "train.iterations=4", "train.eval_every=2",
+                             "train.checkpoint_every=2", "train.lr_warmup=1", "train.device=cpu"])
+    run = storage.as_path(f"s3://{bucket}/run")
+    result = train(cfg, LocalContext(run, torch.device("cpu")), LabelStore(store))
+    assert result.step == 4 and str(result.checkpoint) == f"{run}/checkpoints/step_0000004/checkpoint.pt"
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["best", "step_0000002", "step_0000004"]
+    assert [json.loads(l)["step"] for l in (run / "metrics.jsonl").read_text().splitlines()] == [2, 4]
+    events = list(run.glob("tensorboard/events.out.tfevents.*"))
+    assert len(events) == 1 and events[0].stat().st_size > 0
+    assert json.loads((run / "progress.json").read_text())["done"] is True
+
+
+def test_both_engines_implement_the_train_context(tmp_path):
+    import torch
+
+    from corte_ray.train.context import LocalContext, TrainContext
+    from corte_ray.train.ray_engine import RayContext
+
+    assert isinstance(LocalContext(tmp_path, torch.device("cpu")), TrainContext)
+    for name in ("is_main", "tensorboard_dir", "all_reduce_", "wrap_model", "batches", "load_latest_checkpoint",
+                 "save_checkpoint", "report"):
+        assert callable(getattr(RayContext, name, None)) or isinstance(getattr(RayContext, name, None), property), name

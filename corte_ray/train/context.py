@@ -20,6 +20,7 @@ import json
 import logging
 import shutil
 import tempfile
+import weakref
 from pathlib import Path
 from typing import Iterator, Protocol, runtime_checkable
 
@@ -196,6 +197,7 @@ class RunFiles:
             self.local = self.run_dir
             return
         self.local = Path(tempfile.mkdtemp(prefix="corte-run-"))
+        weakref.finalize(self, shutil.rmtree, self.local, True)   # the staging copy goes with this object
         self._synced: dict[str, tuple[int, int]] = {}
         try:   # a resumed run (or a restarted worker) goes on appending to the lines already there
             (self.local / "metrics.jsonl").write_bytes((self.run_dir / "metrics.jsonl").read_bytes())
