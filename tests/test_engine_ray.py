@@ -258,3 +258,13 @@ def test_two_ray_workers_follow_a_two_process_ddp_reference(ray_cluster, tiny_be
         assert x == pytest.approx(y, rel=0.15)
     assert sum(a) / 8 == pytest.approx(sum(b) / 8, rel=0.05)
     assert a[-1] < a[0] and b[-1] < b[0]          # both learn
+
+
+def test_a_run_in_the_old_ray_layout_is_refused_by_name(tiny_bench, store, tmp_path):
+    from corte_ray.errors import InputError
+    from corte_ray.train.ray_engine import fit_ray
+
+    run = tmp_path / "old"
+    (run / "step_0000002").mkdir(parents=True)   # what the Ray engine wrote before RUN/checkpoints/step_N
+    with pytest.raises(InputError, match="old layout"):
+        fit_ray(_cfg(tiny_bench, store, "method=distill"), run, str(store))

@@ -188,6 +188,12 @@ def fit_ray(cfg: Config, run_dir, store_path: str | None, hooks: TrainHooks | No
     run_dir = storage.as_path(run_dir)
     if not storage.is_remote(run_dir):
         run_dir = run_dir.resolve()   # Ray Train wants an absolute local path (never for a URI: s3:/...)
+    if not (run_dir / "checkpoints").exists() and any(run_dir.glob("step_*")):
+        from ..errors import InputError
+
+        raise InputError(run_dir, "holds checkpoints in the Ray engine's old layout (RUN/step_N, before "
+                                  "RUN/checkpoints/step_N for both engines); it cannot be resumed by this version: "
+                                  "start the run again in another --out")
     if not ray.is_initialized():
         ray.init(**({} if os.environ.get("RAY_ADDRESS") else {"num_cpus": os.cpu_count()}))
     check_cluster(cfg)
