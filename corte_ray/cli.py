@@ -17,6 +17,7 @@ from typing import Sequence
 from . import __version__
 from .errors import CorteError
 from .log import setup_logging
+from .storage import as_path
 
 log = logging.getLogger("corte_ray")
 
@@ -389,7 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-concurrent", type=int, default=1,
                    help="trials at once; each reserves scaling.num_workers x (scaling.cpus_per_worker + "
                         "scaling.data_cpus) CPUs")
-    p.add_argument("--out", type=Path, default=Path("tune_out"), help="sweep directory")
+    p.add_argument("--out", type=as_path, default=Path("tune_out"), help="sweep directory, local or s3:// / gs:// URI")
     p.add_argument("--resume", action="store_true",
                    help="continue the sweep in --out (after a crash or a kill): finished trials are kept, "
                         "unfinished ones continue from their last checkpoint; the other options come from OUT/sweep.json")
@@ -400,7 +401,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Supervised training on a labelled source domain (e.g. GTA5, or the synthetic "
                                    "benchmark's source), then export as a TorchScript/ONNX model file usable as "
                                    "--blackbox file:PATH.")
-    p.add_argument("--out", required=True, type=Path, help="run directory (checkpoints, TensorBoard, config)")
+    p.add_argument("--out", required=True, type=as_path,
+                   help="run directory, local or s3:// / gs:// URI (checkpoints, TensorBoard, config)")
     p.add_argument("--model-file", required=True, type=Path, help="where to write the exported model (.pt or .onnx)")
     p.add_argument("--dataset", choices=DATASET_CHOICES, default=None, help="source dataset format (data.dataset)")
     p.add_argument("--root", default=None, help="source dataset root (data.root)")
@@ -421,7 +423,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="what to ask the box for (blackbox.answer)")
     p.add_argument("--resize", type=_size, default=None, help="resize images to HxW before querying (data.resize)")
     p.add_argument("--device", default=None, help="device for a local box: auto, cpu, cuda (train.device)")
-    p.add_argument("--out", required=True, type=Path, help="label store directory")
+    p.add_argument("--out", required=True, type=as_path, help="label store directory, local or s3:// / gs:// URI")
     p.add_argument("--overwrite", action="store_true", help="relabel everything instead of resuming")
     p.add_argument("--engine", choices=("ray", "local"), default="ray",
                    help="ray: a Ray Data job with an actor pool of box clients; local: one process, no Ray")
@@ -442,7 +444,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train a lightweight student on unlabelled target images with black-box labels: "
                                    "CoRTe (corte), STvM (stvm), both (corte_metric), or a baseline (distill, "
                                    "threshold_st, oracle). Checkpoints, TensorBoard and metrics.jsonl go to --out.")
-    p.add_argument("--out", required=True, type=Path, help="run directory")
+    p.add_argument("--out", required=True, type=as_path, help="run directory, local or s3:// / gs:// URI")
     p.add_argument("--method", default=None, help="corte, stvm, corte_metric, distill, threshold_st or oracle")
     p.add_argument("--engine", choices=("local", "ray"), default=None,
                    help="scaling.engine: ray (Ray Train workers, the default) or local (one process, no Ray)")
@@ -462,7 +464,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", formatter_class=fmt, help="export a checkpoint's student to TorchScript or ONNX",
                        description="Export for deployment and check parity with PyTorch (max abs diff <= 1e-4).")
-    p.add_argument("checkpoint", type=Path, help="checkpoint.pt (or its directory)")
+    p.add_argument("checkpoint", type=as_path, help="checkpoint.pt (or its directory)")
     p.add_argument("--format", choices=("torchscript", "onnx"), default="torchscript", help="export format")
     p.add_argument("--out", required=True, type=Path, help="output model file")
     p.add_argument("--size", type=_size, default=None, help="example input HxW for tracing (default: the crop size)")
@@ -471,7 +473,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("predict", formatter_class=fmt, help="write prediction PNGs of a checkpoint",
                        description="One train-id PNG per image, named like the image, ready for `corte-ray evaluate`.")
-    p.add_argument("checkpoint", type=Path, help="checkpoint.pt (or its directory)")
+    p.add_argument("checkpoint", type=as_path, help="checkpoint.pt (or its directory)")
     _add_dataset_args(p)
     p.add_argument("--out", required=True, type=Path, help="output folder")
     p.add_argument("--resize", type=_size, default=None, help="predict at HxW (default: the run's data.resize)")

@@ -39,7 +39,7 @@ def _in_range(value: float, key: str, lo: float, hi: float, lo_open: bool = Fals
 @dataclass
 class DataConfig:
     dataset: str = "synth"                         # format of `root`: cityscapes, gta5, synthia, nthu, folder, synth
-    root: str = ""                                 # dataset root (local path)
+    root: str = ""                                 # dataset root (local path, or s3:// / gs:// for synth, cityscapes, gta5)
     train_split: str = "train"                     # unlabelled target images to adapt on
     val_split: str = "val"                         # labelled target split for evaluation ("" = none)
     city: str | None = None                        # nthu only
@@ -68,7 +68,7 @@ class ModelConfig:
     student: str = "mobilenetv3_lraspp"            # a registered student (corte-ray models lists them)
     num_classes: int = 19                          # Cityscapes train ids
     pretrained: bool = False                       # ImageNet weights through timm (downloads; off for offline use)
-    weights: str | None = None                     # initial student weights (a checkpoint or state dict file)
+    weights: str | None = None                     # initial student weights (a checkpoint or state dict file; path or URI)
 
     def validate(self, p: str = "model") -> None:
         _check(2 <= self.num_classes <= 254, f"{p}.num_classes", f"must be in [2, 254], got {self.num_classes}")
@@ -80,7 +80,7 @@ class BlackBoxConfig:
     answer: Literal["probs", "topk", "hard"] = "probs"  # what the box returns (restricts a local box, to simulate a vendor)
     topk: int = 2                                  # k for answer=topk
     batch_size: int = 8                            # images per query
-    label_store: str | None = None                 # a label store written by `corte-ray label` (else label on the fly)
+    label_store: str | None = None                 # a store written by `corte-ray label`, path or URI (else label now)
     # http(s) boxes only:
     token_env: str | None = "CORTE_BLACKBOX_TOKEN"  # environment variable holding the bearer token (null: none)
     timeout: float = 30.0                          # seconds per request before it is retried
@@ -378,7 +378,9 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = (),
     """
     data: dict[str, Any] = _plain(dict(base or {}))
     if path is not None:
-        p = Path(path)
+        from .storage import as_path
+
+        p = as_path(path)   # a local file or an object (a run's config.yaml on s3:// or gs://)
         if not p.exists() and not p.suffix and shipped_config_path(str(path)).exists():
             p = shipped_config_path(str(path))
         try:

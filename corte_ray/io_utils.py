@@ -34,9 +34,16 @@ def _cannot_write(path: Path, err: OSError) -> InputError:
     return InputError(path, f"cannot write here ({err.strerror or err or type(err).__name__})")
 
 
-def write_atomic(path: str | Path, write: Callable[[Path], None]) -> Path:
-    """Call `write(tmp_path)` on a temporary file beside `path`, then rename it into place (both fsynced)."""
-    path = Path(path)
+def write_atomic(path, write: Callable[[Path], None]):
+    """Call `write(tmp_path)` on a temporary file beside `path`, then rename it into place (both fsynced).
+
+    `path` may be an object-store URI (storage.RemotePath): then `write` fills a local temporary file that is
+    uploaded as one object, which readers see whole or not at all."""
+    from .storage import RemotePath, as_path
+
+    path = as_path(path) if not isinstance(path, Path) else path
+    if isinstance(path, RemotePath):
+        return _write_remote(path, write)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -64,6 +71,19 @@ def write_atomic(path: str | Path, write: Callable[[Path], None]) -> Path:
     return path
 
 
+def _write_remote(path, write: Callable[[Path], None]):
+    with tempfile.TemporaryDirectory(prefix="corte-upload-") as tmp_dir:
+        tmp = Path(tmp_dir) / path.name
+        write(tmp)
+        try:
+            with open(tmp, "rb") as src, path.open("wb") as out:
+                while block := src.read(8 << 20):
+                    out.write(block)
+        except OSError as err:
+            raise InputError(path, f"cannot write here ({err})") from None
+    return path
+
+
 def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
     return write_atomic(path, lambda p: p.write_bytes(data))
 
@@ -82,8 +102,10 @@ def append_line(path: str | Path, line: str) -> None:
     An append in place can be torn by a kill (Linux stops a write() at a page boundary on SIGKILL), leaving
     half a JSON line; a rename is whole or not at all. Logs written this way (metrics.jsonl: a line per
     evaluation or checkpoint) stay small, so rewriting costs nothing. A torn last line left by an older
-    writer is dropped."""
-    path = Path(path)
+    writer is dropped. On object storage the whole file is one new object."""
+    from .storage import as_path
+
+    path = as_path(path) if not isinstance(path, Path) else path
     try:
         old = path.read_bytes()
     except FileNotFoundError:

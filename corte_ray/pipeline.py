@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from . import storage
 from .config import Config, load_config, save_config
 from .errors import ConfigError, InputError
 
@@ -27,23 +28,23 @@ def check_run_inputs(cfg: Config) -> None:
     d = cfg.data
     for split in (d.train_split, d.val_split):
         if split:
-            open_dataset(d.dataset, Path(d.root), split=split, city=d.city, labels_dir=d.labels_dir,
+            open_dataset(d.dataset, d.root, split=split, city=d.city, labels_dir=d.labels_dir,
                          label_space=d.label_space)
-    if cfg.model.weights and not Path(cfg.model.weights).is_file():
+    if cfg.model.weights and not storage.as_path(cfg.model.weights).is_file():
         raise InputError(cfg.model.weights, "model.weights: file not found")
     if METHODS.get(cfg.method).needs_box_labels:
         if cfg.blackbox.label_store:
             from .blackbox.store import LabelStore
 
             LabelStore(cfg.blackbox.label_store)
-        elif cfg.blackbox.spec.startswith("file:") and not Path(cfg.blackbox.spec[5:]).exists():
+        elif cfg.blackbox.spec.startswith("file:") and not storage.as_path(cfg.blackbox.spec[5:]).exists():
             raise InputError(cfg.blackbox.spec[5:], "blackbox.spec: model file not found")
 
 
 def prepare_run_dir(run_dir: str | Path, cfg: Config | None, resume: bool) -> Config:
     """New run: refuse to clobber an existing run, check its inputs, then save the resolved config (from then
-    on the directory is a run). Resume: load the saved config."""
-    run_dir = Path(run_dir)
+    on the directory is a run). Resume: load the saved config. `run_dir` may be an s3:// or gs:// URI."""
+    run_dir = storage.as_path(run_dir)
     cfg_path = run_dir / "config.yaml"
     if resume:
         if not cfg_path.exists():
@@ -65,9 +66,11 @@ class _FreshRun:
     """Undo a new run's config.yaml when the command fails on the user's input before its first checkpoint:
     the corrected command then starts afresh instead of being refused ("already holds a run")."""
 
-    def __init__(self, run_dir: Path, resume: bool) -> None:
+    def __init__(self, run_dir, resume: bool) -> None:
+        from .train.context import CheckpointDir
+
         self.cfg_path, self.resume = run_dir / "config.yaml", resume
-        self.ckpt_root = run_dir / "checkpoints"
+        self.checkpoints = CheckpointDir(run_dir)
 
     def __enter__(self) -> "_FreshRun":
         return self
@@ -76,12 +79,12 @@ class _FreshRun:
         from .errors import CorteError
 
         if (exc is not None and isinstance(exc, CorteError) and not self.resume and self.cfg_path.exists()
-                and not any(self.ckpt_root.glob("step_*")) and not any(self.cfg_path.parent.glob("step_*"))):
+                and not self.checkpoints.step_dirs()):
             self.cfg_path.unlink()
             log.info("%s removed: the run failed before its first checkpoint", self.cfg_path)
 
 
-def open_label_store(cfg: Config, run_dir: Path):
+def open_label_store(cfg: Config, run_dir):
     """The run's label store: the one named in the config, or one labelled now into RUN/labels (once)."""
     from .blackbox.store import LabelStore
 
@@ -107,7 +110,7 @@ def label(cfg: Config, store_dir: str | Path, overwrite: bool = False, engine: s
 
     if not cfg.blackbox.spec:
         raise ConfigError("blackbox.spec: no black box to label with; pass --blackbox file:MODEL or http(s)://...")
-    dataset = open_dataset(cfg.data.dataset, Path(cfg.data.root), split=cfg.data.train_split, city=cfg.data.city,
+    dataset = open_dataset(cfg.data.dataset, cfg.data.root, split=cfg.data.train_split, city=cfg.data.city,
                            labels_dir=cfg.data.labels_dir, label_space=cfg.data.label_space)
     remote = cfg.blackbox.remote_options()
     if engine == "ray":
@@ -137,13 +140,14 @@ def label(cfg: Config, store_dir: str | Path, overwrite: bool = False, engine: s
         box.close()
 
 
-def adapt(cfg: Config | None, run_dir: str | Path, resume: bool = False):
-    """Adapt a student on the target domain (any method); returns the loop's TrainResult."""
+def adapt(cfg: Config | None, run_dir, resume: bool = False, hooks=None):
+    """Adapt a student on the target domain (any method); returns the loop's TrainResult. `run_dir`: a local
+    path or an s3:// / gs:// URI. `hooks`: a train.context.TrainHooks (tests)."""
     from .train.context import LocalContext, resolve_device
     from .train.loop import train
     from .methods.steps import METHODS
 
-    run_dir = Path(run_dir)
+    run_dir = storage.as_path(run_dir)
     if cfg is not None and METHODS.get(cfg.method).needs_source_weights and not cfg.model.weights:
         # Before the run directory exists: a refused command leaves nothing behind to block the corrected one.
         raise ConfigError(f"model.weights: method {cfg.method} starts student and teacher from the white-box "
@@ -154,20 +158,21 @@ def adapt(cfg: Config | None, run_dir: str | Path, resume: bool = False):
         if cfg.scaling.engine == "ray":
             from .train.ray_engine import fit_ray
 
-            return fit_ray(cfg, run_dir, str(store.root) if store is not None else None)
+            return fit_ray(cfg, run_dir, str(store.root) if store is not None else None, hooks=hooks)
         ctx = LocalContext(run_dir, resolve_device(cfg.train.device), cfg.train.keep_checkpoints)
-        return train(cfg, ctx, store)
+        return train(cfg, ctx, store, hooks=hooks)
 
 
 def _read_checkpoint(path: str | Path) -> tuple[dict, Path]:
-    """A checkpoint file (or its directory) loaded with weights_only=True; InputError naming it otherwise."""
-    path = Path(path)
+    """A checkpoint file (or its directory, e.g. RUN/checkpoints/best), local or on object storage, loaded with
+    weights_only=True; InputError naming it otherwise."""
+    path = storage.as_path(path)
     if path.is_dir():
         path = path / "checkpoint.pt"
     if not path.is_file():
         raise InputError(path, "checkpoint not found")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = storage.load_torch(path, map_location="cpu")
     except Exception as exc:  # noqa: BLE001 - torch raises many types for a bad file
         raise InputError(path, f"not a readable checkpoint ({type(exc).__name__}: {exc})") from None
     if not isinstance(state, dict):
@@ -210,7 +215,7 @@ def train_source(cfg: Config, run_dir: str | Path, export_path: str | Path, resu
     from .train.context import LocalContext, resolve_device
     from .train.loop import train
 
-    run_dir = Path(run_dir)
+    run_dir = storage.as_path(run_dir)
     if cfg is not None and cfg.method != "oracle":
         raise ConfigError("method: train-source trains on source labels (method=oracle)")
     cfg = prepare_run_dir(run_dir, cfg, resume)

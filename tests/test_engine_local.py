@@ -87,13 +87,10 @@ def test_local_batches_resumed_at_any_step_continues_the_same_batches():
         assert run(s, 11 - s) == full[s:], f"resumed at step {s}"
 
 
-class _Killed(Exception):
-    """Stands for the process dying."""
-
-
-def test_interrupted_then_resumed_equals_uninterrupted(tiny_bench, box_and_store, tmp_path, monkeypatch):
+def test_interrupted_then_resumed_equals_uninterrupted(tiny_bench, box_and_store, tmp_path):
     from corte_ray.data.datasets import open_dataset
-    from corte_ray.train.context import LocalContext
+    from corte_ray.pipeline import adapt
+    from tests.engine_hooks import Killed, TestHooks
 
     _, store = box_and_store
     # Batches of 5 from 12 images: every epoch has a remainder, as real data sets do (Cityscapes: 2975 % 8 = 7),
@@ -104,20 +101,14 @@ def test_interrupted_then_resumed_equals_uninterrupted(tiny_bench, box_and_store
     full, part = tmp_path / "full", tmp_path / "part"
     assert _adapt(full, tiny_bench, store, *run_args) == 0
 
-    def die_at_step_4(self, step: int) -> None:
-        if step == 4:
-            raise _Killed
-
     # The same run, killed after step 4 (checkpointed at step 3)...
-    monkeypatch.setattr(LocalContext, "on_step", die_at_step_4)
-    with pytest.raises(_Killed):
-        _adapt(part, tiny_bench, store, *run_args)
+    with pytest.raises(Killed):
+        adapt(load_config(full / "config.yaml"), part, hooks=TestHooks(raise_at=4))   # the CLI's resolved config
     assert [p.name for p in (part / "checkpoints").glob("step_*")] == ["step_0000003"]
     # ... and resumed: it must run steps 4..6 only (a run that ignored its checkpoint would end with the same
     # weights, having started again at step 1).
     ran: list[int] = []
-    monkeypatch.setattr(LocalContext, "on_step", lambda self, step: ran.append(step))
-    assert main(["-q", "adapt", "--out", str(part), "--resume"]) == 0
+    adapt(None, part, resume=True, hooks=TestHooks(steps=ran))
     assert ran == [4, 5, 6]
     assert [json.loads(l)["step"] for l in (part / "metrics.jsonl").read_text().splitlines()] == [3, 6]
     a = torch.load(full / "checkpoints" / "step_0000006" / "checkpoint.pt", weights_only=True)
@@ -127,6 +118,8 @@ def test_interrupted_then_resumed_equals_uninterrupted(tiny_bench, box_and_store
             assert torch.equal(t, b[key][name]), f"{key}.{name} differs after resume"
     assert a["method"]["teacher_thresholds"]["mean"].tolist() == b["method"]["teacher_thresholds"]["mean"].tolist()
     assert len(a["rng_ranks"]) == len(b["rng_ranks"]) == 1
+    best = torch.load(full / "checkpoints" / "best" / "checkpoint.pt", weights_only=True)   # a real path
+    assert best["best_miou"] == max(json.loads(l)["val_miou"] for l in (full / "metrics.jsonl").read_text().splitlines())
     for key in ("torch", "generator"):
         assert torch.equal(a["rng_ranks"][0][key], b["rng_ranks"][0][key]), f"RNG {key} differs after resume"
     lines = [json.loads(l) for l in (full / "metrics.jsonl").read_text().splitlines()]

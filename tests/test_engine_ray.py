@@ -14,6 +14,7 @@ import torch
 from corte_ray.config import load_config
 from corte_ray.models import build_source_model
 from corte_ray.export import export_model
+from tests.engine_hooks import TestHooks
 
 pytestmark = pytest.mark.ray
 
@@ -58,9 +59,13 @@ def test_two_workers_train_and_stay_identical(ray_cluster, tiny_bench, store, tm
     run.mkdir()
     cfg = _cfg(tiny_bench, store, "method=corte_metric", "scaling.num_workers=2", "train.iterations=4",
                "train.eval_every=2", "train.checkpoint_every=2", "stvm.metric_pixels=64")
-    result = fit_ray(cfg, run, str(store), dump_final_weights=True)
+    result = fit_ray(cfg, run, str(store), hooks=TestHooks(dump_final=run))
     assert result.step == 4 and 0 <= result.metrics["val_miou"] <= 100
-    assert result.checkpoint.exists() and (run / "step_0000004" / "checkpoint.pt").exists()
+    # the one layout of both engines: RUN/checkpoints/step_NNNNNNN (newest 2 kept) and RUN/checkpoints/best
+    assert result.checkpoint == run / "checkpoints" / "step_0000004" / "checkpoint.pt" and result.checkpoint.exists()
+    assert sorted(p.name for p in (run / "checkpoints").glob("step_*")) == ["step_0000002", "step_0000004"]
+    best = torch.load(run / "checkpoints" / "best" / "checkpoint.pt", weights_only=True)
+    assert best["best_miou"] == max(json.loads(l)["val_miou"] for l in (run / "metrics.jsonl").read_text().splitlines())
     lines = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
     assert [l["step"] for l in lines] == [2, 4] and all("loss_metric" in l for l in lines[1:])
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
@@ -81,8 +86,8 @@ def test_killed_worker_restarts_from_checkpoint(ray_cluster, tiny_bench, store, 
     marker = tmp_path / "fault_fired"
     cfg = _cfg(tiny_bench, store, "method=distill", "scaling.num_workers=2", "train.iterations=6",
                "train.eval_every=0", "train.checkpoint_every=2", "scaling.max_failures=1")
-    result = fit_ray(cfg, run, str(store), fault={"rank": 1, "step": 3, "marker": str(marker),
-                                                          "delay_s": 5.0})
+    result = fit_ray(cfg, run, str(store), hooks=TestHooks(kill={"rank": 1, "step": 3, "marker": str(marker),
+                                                                  "delay_s": 5.0}))
     assert marker.exists()                         # the worker really died at step 3
     assert result.step == 6
     steps = [json.loads(l)["step"] for l in (run / "metrics.jsonl").read_text().splitlines()]
@@ -99,12 +104,12 @@ def test_a_restarted_group_ends_with_the_weights_of_an_uninterrupted_run(ray_clu
     extra = ("method=distill", "scaling.num_workers=2", "train.iterations=5", "train.eval_every=0",
              "train.checkpoint_every=2", "scaling.max_failures=1")
     runs = {}
-    for name, fault in (("straight", None),
-                        ("restarted", {"rank": 1, "step": 3, "marker": str(tmp_path / "died"), "delay_s": 5.0})):
+    for name, kill in (("straight", None),
+                       ("restarted", {"rank": 1, "step": 3, "marker": str(tmp_path / "died"), "delay_s": 5.0})):
         runs[name] = tmp_path / name
         runs[name].mkdir()
-        assert fit_ray(_cfg(tiny_bench, store, *extra), runs[name], str(store), fault=fault,
-                       dump_final_weights=True).step == 5
+        hooks = TestHooks(kill=kill, dump_final=runs[name])
+        assert fit_ray(_cfg(tiny_bench, store, *extra), runs[name], str(store), hooks=hooks).step == 5
     assert (tmp_path / "died").exists()
     a, b = (torch.load(runs[n] / "final_rank0.pt", weights_only=True)["student"] for n in ("straight", "restarted"))
     for k, v in a.items():
@@ -160,7 +165,8 @@ def test_failed_run_resumes_from_the_cli(ray_cluster, tiny_bench, store, tmp_pat
                "train.eval_every=0", "train.checkpoint_every=2", "scaling.max_failures=0")
     save_config(cfg, run / "config.yaml")   # what `corte-ray adapt` writes before it starts
     with pytest.raises(CorteError, match="--resume"):
-        fit_ray(cfg, run, str(store), fault={"rank": 0, "step": 3, "marker": str(tmp_path / "m"), "delay_s": 5.0})
+        fit_ray(cfg, run, str(store), hooks=TestHooks(kill={"rank": 0, "step": 3, "marker": str(tmp_path / "m"),
+                                                             "delay_s": 5.0}))
     assert main(["-q", "adapt", "--out", str(run), "--resume"]) == 0
     steps = [json.loads(l)["step"] for l in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == [2, 4]                  # resumed after step 2, no step repeated
@@ -191,10 +197,10 @@ def test_killed_corte_worker_restores_teacher_thresholds_and_generators(ray_clus
                "train.eval_every=0", "train.checkpoint_every=2", "train.keep_checkpoints=5", "scaling.max_failures=1",
                "corte.warmup=0.0",
                "corte.refine_start=0.0")
-    result = fit_ray(cfg, run, str(store), fault={"rank": 1, "step": 3, "marker": str(tmp_path / "died"),
-                                                  "delay_s": 5.0, "dump_resumed": True})
+    result = fit_ray(cfg, run, str(store), hooks=TestHooks(kill={"rank": 1, "step": 3, "marker": str(tmp_path / "died"),
+                                                                 "delay_s": 5.0}, dump_resumed=run))
     assert (tmp_path / "died").exists() and result.step == 5
-    ckpt = torch.load(run / "step_0000002" / "checkpoint.pt", weights_only=True)
+    ckpt = torch.load(run / "checkpoints" / "step_0000002" / "checkpoint.pt", weights_only=True)
     initial = ckpt["method"]
     for rank in (0, 1):
         got = torch.load(run / f"resumed_rank{rank}.pt", weights_only=True)
@@ -272,3 +278,13 @@ def test_two_ray_workers_follow_a_two_process_ddp_reference(ray_cluster, tiny_be
     assert len(a) == len(b) == 8
     assert a == pytest.approx(b, rel=1e-4, abs=1e-5)
     assert a[-1] < a[0]                            # and it learns
+
+
+def test_a_run_in_the_old_ray_layout_is_refused_by_name(tiny_bench, store, tmp_path):
+    from corte_ray.errors import InputError
+    from corte_ray.train.ray_engine import fit_ray
+
+    run = tmp_path / "old"
+    (run / "step_0000002").mkdir(parents=True)   # what the Ray engine wrote before RUN/checkpoints/step_N
+    with pytest.raises(InputError, match="old layout"):
+        fit_ray(_cfg(tiny_bench, store, "method=distill"), run, str(store))

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .. import storage
 from ..errors import ConfigError
 from ..export import ModelFile, check_logits
 from ..train.context import resolve_device
@@ -31,9 +32,10 @@ class LocalBlackBox(BlackBox):
             raise ConfigError(f"blackbox answer must be one of {', '.join(ANSWER_KINDS)}, got {answer!r}")
         if batch_size < 1:
             raise ConfigError(f"blackbox batch_size must be >= 1, got {batch_size}")
-        self.path = Path(path)
+        self.path = storage.as_path(path)
         self.device = resolve_device(device, key="blackbox device")
-        self._model = ModelFile(self.path, self.device)
+        # A model file on object storage is downloaded once per process (TorchScript and ONNX Runtime load files).
+        self._model = ModelFile(self._local_file(), self.device)
         self.meta: dict = self._model.meta
         self.num_classes = int(self.meta["num_classes"])
         if answer == "topk" and not 2 <= topk <= self.num_classes:
@@ -47,6 +49,16 @@ class LocalBlackBox(BlackBox):
         self.name = f"file:{self.path}"
         log.info("black box %s: %s, %d classes, answers %s, on %s", self.name, self.meta.get("arch", "?"),
                  self.num_classes, answer, self.device)
+
+    def _local_file(self) -> Path:
+        from ..errors import InputError
+
+        if not storage.is_remote(self.path):
+            return self.path
+        try:
+            return storage.local_copy(self.path)
+        except FileNotFoundError:
+            raise InputError(self.path, "black-box model file not found") from None
 
     @classmethod
     def from_spec(cls, spec: str, **options) -> LocalBlackBox:

@@ -23,6 +23,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from .. import storage
 from ..errors import ConfigError, CorteError
 from .protocol import BlackBox, open_blackbox
 from .store import MANIFEST_SUFFIX, LabelStoreWriter, answer_rows, label_store_meta
@@ -55,12 +56,13 @@ def make_decoder(reader, resize: tuple[int, int] | None,
         # Absolute imports: a relative one would import corte_ray.blackbox, and torch with it.
         from corte_ray.data.datasets import Sample
         from corte_ray.data.transforms import resize_image
+        from corte_ray.storage import as_path
         from corte_ray.errors import CorteError
 
         images, keys = [], []
         for key, path in zip(batch["key"], batch["path"]):
             try:
-                img = reader.read_image(Sample(str(key), Path(str(path)), None))
+                img = reader.read_image(Sample(str(key), as_path(str(path)), None))
             except CorteError as exc:
                 if not skip_bad:
                     raise
@@ -107,10 +109,11 @@ class BoxLabeller:
 
     def _stored_keys(self) -> set[str]:
         """Keys already in a part: those of a batch Ray re-runs after an actor died having written its part."""
-        for name in os.listdir(self.writer.parts):
+        for path in storage.listdir(self.writer.parts):
+            name = path.name
             if name.endswith(MANIFEST_SUFFIX) and name not in self._manifests_read:
                 try:
-                    self._stored.update(json.loads((self.writer.parts / name).read_text())["keys"])
+                    self._stored.update(json.loads(path.read_text())["keys"])
                     self._manifests_read.add(name)
                 except (OSError, ValueError, KeyError):
                     continue
@@ -263,7 +266,7 @@ def label_dataset_ray(dataset, box_spec: str, store_dir: str | Path, resize: tup
     if todo:
         # A store being added to is not finished: without thresholds.json a reader says "rerun the job"
         # instead of training on statistics that miss the new images.
-        (Path(store_dir) / "thresholds.json").unlink(missing_ok=True)
+        (storage.as_path(store_dir) / "thresholds.json").unlink(missing_ok=True)
         actor_device = device
         if device == "auto":
             # An actor that reserved no GPU still sees the node's GPUs (Ray sets CUDA_VISIBLE_DEVICES only for

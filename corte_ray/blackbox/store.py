@@ -12,6 +12,9 @@ Layout of a store directory:
                            format 1, or a kill between the two renames) is adopted when it reads back whole.
     thresholds.json        per-class relative-confidence statistics over the whole store and tau_c (METHODS 1.1)
 
+The root may be a local path or an s3:// / gs:// URI (corte_ray.storage): every part is one whole object, and
+labelling actors on any node write theirs straight to the store's storage.
+
 Row: key, height, width, topk_ids (k*H*W uint8), topk_probs (k*H*W uint8, p quantised to round(255 p)) or
 hard (H*W uint8) for a hard-label box, and the image's per-class rc sums and pixel counts, so thresholds
 are a sum over rows (exact under sharding, resuming and several writers, and over any subset of keys: training
@@ -24,7 +27,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +36,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .. import storage
 from ..errors import InputError
 from ..io_utils import write_atomic, write_json_atomic
 
@@ -87,9 +90,18 @@ class BoxLabels:
     rc: np.ndarray | None       # (H,W) float32, None for a hard-label box
 
 
-def _sha256(path: Path) -> str:
+def _parquet_source(path):
+    """What pyarrow.parquet reads: a local path as it is, an object as a seekable remote file."""
+    return path if isinstance(path, Path) else path.open("rb")
+
+
+def _read_table(path, columns: list[str] | None = None) -> pa.Table:
+    return pq.read_table(_parquet_source(path), columns=columns)
+
+
+def _sha256(path) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
+    with storage.open_input(path) as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
@@ -101,7 +113,7 @@ def _manifest_path(part: Path) -> Path:
 
 def _manifest_of(part: Path) -> dict:
     """The manifest of a part file as it is on disk now (reads the whole part)."""
-    keys = pq.read_table(part, columns=["key"]).column("key").to_pylist()
+    keys = _read_table(part, columns=["key"]).column("key").to_pylist()
     return {"part": part.name, "rows": len(keys), "bytes": part.stat().st_size, "sha256": _sha256(part),
             "keys": keys}
 
@@ -118,7 +130,7 @@ class PartCheck:
 def check_parts(root: str | Path, adopt: bool = False) -> list[PartCheck]:
     """Every part of the store at `root`, verified against its manifest (size and sha256). A part without a
     manifest is read back whole: readable, it is healthy (and with `adopt` its manifest is written now)."""
-    parts_dir = Path(root) / "parts"
+    parts_dir = storage.as_path(root) / "parts"
     checks = []
     for part in sorted(parts_dir.glob("*.parquet")):
         manifest_path = _manifest_path(part)
@@ -141,7 +153,7 @@ def check_parts(root: str | Path, adopt: bool = False) -> list[PartCheck]:
             continue
         try:
             found = _manifest_of(part)
-            pq.read_table(part)   # every column, not only the keys
+            _read_table(part)   # every column, not only the keys
         except Exception as err:  # noqa: BLE001 - pyarrow raises several types for a damaged file
             checks.append(PartCheck(part, [], f"unreadable Parquet ({type(err).__name__}: "
                                               f"{str(err).splitlines()[0][:120] if str(err) else ''})"))
@@ -163,7 +175,7 @@ class LabelStoreWriter:
     never queries twice, and moves damaged parts aside so their keys are labelled again."""
 
     def __init__(self, root: str | Path, meta: dict, overwrite: bool = False, check: bool = True) -> None:
-        self.root = Path(root)
+        self.root = storage.as_path(root)
         self.parts = self.root / "parts"
         if overwrite and self.root.exists():
             for p in list(self.parts.glob("*.parquet*")) + [self.root / "thresholds.json", self.root / "meta.json"]:
@@ -196,8 +208,7 @@ class LabelStoreWriter:
                 keys.update(check.keys)
                 continue
             target = self.root / DAMAGED_DIR / check.path.name
-            target.parent.mkdir(exist_ok=True)
-            os.replace(check.path, target)
+            storage.move(check.path, target)
             _manifest_path(check.path).unlink(missing_ok=True)
             self.damaged.append(target)
             log.warning("%s: damaged (%s); moved to %s, its %s relabelled", check.path, check.problem, target,
@@ -234,7 +245,7 @@ def known_keys(root: str | Path) -> set[str]:
     """Keys listed in the manifests of the store's parts (cheap: no Parquet is read); parts without a
     manifest are not counted."""
     keys: set[str] = set()
-    for manifest in (Path(root) / "parts").glob("*.parquet" + MANIFEST_SUFFIX):
+    for manifest in (storage.as_path(root) / "parts").glob("*.parquet" + MANIFEST_SUFFIX):
         try:
             keys.update(json.loads(manifest.read_text())["keys"])
         except (OSError, ValueError, KeyError):
@@ -262,7 +273,7 @@ def _sum_stats(root: Path, num_classes: int, parts: Sequence[Path], keys: Iterab
     seen: set[str] = set()
     for part in parts:
         try:
-            table = pq.read_table(part, columns=["key", "rc_sum", "rc_count"]).to_pydict()
+            table = _read_table(part, columns=["key", "rc_sum", "rc_count"]).to_pydict()
         except Exception as err:  # noqa: BLE001
             raise InputError(part, f"damaged label-store part ({type(err).__name__}); run `corte-ray label` "
                                    f"again on {root} to relabel it") from None
@@ -278,7 +289,7 @@ def _sum_stats(root: Path, num_classes: int, parts: Sequence[Path], keys: Iterab
 def write_thresholds(root: str | Path, num_classes: int, keys: Iterable[str] | None = None) -> dict:
     from ..methods.pseudo_labels import thresholds_from_stats
 
-    root = Path(root)
+    root = storage.as_path(root)
     sums, counts, images = _sum_stats(root, num_classes, sorted((root / "parts").glob("*.parquet")), keys)
     with np.errstate(invalid="ignore", divide="ignore"):
         mean = np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
@@ -298,8 +309,8 @@ class LabelStore:
     """Reads a finished store: random access by image key. Refuses, naming the part, a store with a damaged
     part (checked against the manifests when opened)."""
 
-    def __init__(self, root: str | Path) -> None:
-        self.root = Path(root)
+    def __init__(self, root) -> None:
+        self.root = storage.as_path(root)
         meta_path = self.root / "meta.json"
         if not meta_path.exists():
             raise InputError(self.root, "not a label store (no meta.json); write one with `corte-ray label`")
@@ -313,7 +324,7 @@ class LabelStore:
             if check.problem is not None:
                 raise InputError(check.path, _damage_message(check, self.root))
             try:
-                f = pq.ParquetFile(check.path)
+                f = pq.ParquetFile(_parquet_source(check.path))
                 for rg in range(f.num_row_groups):
                     keys = f.read_row_group(rg, columns=["key"]).column("key").to_pylist()
                     for i, key in enumerate(keys):
@@ -362,7 +373,7 @@ class LabelStore:
     def _read_row_groups(self, part: Path, row_groups: list[int]) -> dict[int, dict]:
         """{row group: its rows as a column dict} of one part, in one read."""
         try:
-            f = pq.ParquetFile(part)
+            f = pq.ParquetFile(_parquet_source(part))
             return {rg: f.read_row_group(rg).to_pydict() for rg in row_groups}
         except Exception as err:  # noqa: BLE001 - changed on disk since it was opened
             raise InputError(part, _damage_message(PartCheck(part, [], f"unreadable ({type(err).__name__})"),

@@ -22,12 +22,15 @@ from typing import Iterator, Protocol
 
 import numpy as np
 
+from .. import storage
 from ..errors import ConfigError, InputError
 from ..registry import Registry
 from . import io, labels
 from .labels import LabelSpace
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+# Formats whose root may be an s3:// or gs:// URI (their listing and reading go through corte_ray.storage).
+URI_DATASETS = ("synth", "cityscapes", "gta5")
 NTHU_CITIES = ("Rome", "Rio", "Tokyo", "Taipei")
 _CS_IMAGE_SUFFIX = "_leftImg8bit.png"
 _CS_LABEL_SUFFIX = "_gtFine_labelIds.png"
@@ -121,7 +124,10 @@ def open_dataset(name: str, root: Path, split: str = "val", city: str | None = N
     """
     if name not in DATASETS:
         raise ConfigError(f"--dataset: unknown dataset format {name!r}; known: {', '.join(DATASETS.names())}")
-    root = Path(root)
+    root = storage.as_path(root)
+    if storage.is_remote(root) and name not in URI_DATASETS:
+        raise ConfigError(f"--root {root}: dataset format {name!r} reads local folders only; object-storage roots "
+                          f"work for {', '.join(URI_DATASETS)} (copy the data to a local disk, or use one of those)")
     if not root.exists():
         raise InputError(root, "dataset root not found")
     if not root.is_dir():

@@ -12,6 +12,7 @@ dataset's label space turns them into train ids). Three label encodings need car
 
 from __future__ import annotations
 
+import io
 import struct
 import zlib
 from pathlib import Path
@@ -19,6 +20,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from .. import storage
 from ..errors import InputError
 
 try:  # only needed for 16-bit multi-channel label PNGs (SYNTHIA); everything else reads without it
@@ -49,10 +51,26 @@ def _require_file(path: Path, what: str) -> None:
         raise InputError(path, f"{what} is not a file")
 
 
-def png_header(path: str | Path) -> tuple[int, int] | None:
-    """(bit depth, colour type) from a PNG's IHDR chunk, or None if `path` is not a PNG."""
-    with open(path, "rb") as f:
-        head = f.read(26)
+def _source(path, what: str):
+    """What Pillow opens: the local path (checked to be a file), or the object's bytes (one GET, no HEAD)."""
+    if storage.is_remote(path):
+        try:
+            return io.BytesIO(path.read_bytes())
+        except FileNotFoundError:
+            raise InputError(path, f"{what} not found") from None
+        except OSError as err:
+            raise InputError(path, f"cannot read {what}: {_one_line(err)}") from None
+    _require_file(path, what)
+    return path
+
+
+def png_header(path) -> tuple[int, int] | None:
+    """(bit depth, colour type) from a PNG's IHDR chunk, or None if `path` (a path or a binary file) is not a PNG."""
+    if isinstance(path, io.BytesIO):
+        head = path.getvalue()[:26]
+    else:
+        with open(path, "rb") as f:
+            head = f.read(26)
     if len(head) < 26 or head[:8] != PNG_SIGNATURE or head[12:16] != b"IHDR":
         return None
     return head[24], head[25]
@@ -60,10 +78,10 @@ def png_header(path: str | Path) -> tuple[int, int] | None:
 
 def read_image(path: str | Path) -> np.ndarray:
     """An image file as an HxWx3 uint8 RGB array (grey, palette and alpha images are converted)."""
-    path = Path(path)
-    _require_file(path, "image file")
+    path = storage.as_path(path)
+    src = _source(path, "image file")
     try:
-        with Image.open(path) as im:
+        with Image.open(src) as im:
             im.load()  # decode all pixels now, so a truncated file fails here and names itself
             rgb = im if im.mode == "RGB" else im.convert("RGB")
             array = np.array(rgb, dtype=np.uint8)
@@ -81,14 +99,14 @@ def read_label_ids(path: str | Path, channel: int | None = None, what: str = "la
     a multi-channel label is an error: it is most likely a colour-coded label, whose colours are not ids.
     `what` names the file's role in error messages ("label", "prediction").
     """
-    path = Path(path)
-    _require_file(path, f"{what} file")
+    path = storage.as_path(path)
+    src = _source(path, f"{what} file")
     try:
-        header = png_header(path)
+        header = png_header(src)
         if header is not None and header[0] == 16 and header[1] in _PNG_MULTI_SAMPLE_TYPES:
-            array = _read_png16_multichannel(path, what)
+            array = _read_png16_multichannel(src, path, what)
         else:
-            with Image.open(path) as im:
+            with Image.open(src) as im:
                 im.load()
                 if im.mode == "F":
                     raise InputError(path, f"{what} image holds floating-point values; expected integer ids")
@@ -115,13 +133,14 @@ def read_label_ids(path: str | Path, channel: int | None = None, what: str = "la
     return np.ascontiguousarray(array)
 
 
-def _read_png16_multichannel(path: Path, what: str) -> np.ndarray:
+def _read_png16_multichannel(src, path, what: str) -> np.ndarray:
     """A 16-bit grey+alpha/RGB/RGBA PNG as HxWxC uint16, exactly (Pillow would keep only the high byte)."""
     if _pypng is None:
         raise InputError(path, f"16-bit multi-channel {what} PNG: reading it exactly needs the 'pypng' "
                                "package (pip install pypng)")
     # read(), not asDirect(): asDirect rescales values by an sBIT chunk, which would corrupt ids.
-    width, height, rows, info = _pypng.Reader(filename=str(path)).read()
+    reader = _pypng.Reader(bytes=src.getvalue()) if isinstance(src, io.BytesIO) else _pypng.Reader(filename=str(src))
+    width, height, rows, info = reader.read()
     planes = int(info["planes"])
     array = np.vstack([np.asarray(row, dtype=np.uint16) for row in rows])
     return array.reshape(height, width, planes)

@@ -107,11 +107,13 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
     Accepts a raw state_dict or a dict holding one under "model", "student" or "state_dict"; strips
     DDP / torch.compile key prefixes. Loads with weights_only=True: a checkpoint is data, never code.
     """
-    path = Path(path)
+    from .. import storage
+
+    path = storage.as_path(path)   # a local file or an s3:// / gs:// object
     if not path.is_file():
         raise InputError(path, "no such weights file")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        checkpoint = storage.load_torch(path, map_location="cpu")
     except Exception as error:  # torch raises UnpicklingError, RuntimeError, EOFError, ... for bad files
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise InputError(path, f"cannot be read as a PyTorch checkpoint ({first_line})") from error

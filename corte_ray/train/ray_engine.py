@@ -11,7 +11,6 @@ updated on every rank from identical (all-reduced) weights, so they stay identic
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -27,28 +26,39 @@ import ray
 import ray.train
 from ray.train.torch import TorchTrainer
 
+from .. import storage
 from ..config import Config, from_dict
 from ..errors import ConfigError
+from .context import CHECKPOINT_FILE, CheckpointDir, RunFiles, TrainHooks, load_newest_intact
 
 log = logging.getLogger(__name__)
-CHECKPOINT_FILE = "checkpoint.pt"
 
 
 class RayContext:
-    """One rank of a Ray Train worker group (the interface of context.LocalContext)."""
+    """One rank of a Ray Train worker group (a context.TrainContext).
 
-    def __init__(self, run_dir: str | Path, fault: dict | None = None) -> None:
+    Checkpoints: rank 0 writes the step's file into a local temporary directory and `report` hands it to Ray
+    Train, which persists it to RUN/checkpoints/step_NNNNNNN on the run's storage (a local path or a cloud URI)
+    and keeps the newest k; rank 0 itself copies it to RUN/checkpoints/best when it is the best so far. The
+    same layout and retention rule as the local engine (context.CheckpointDir)."""
+
+    def __init__(self, run_dir, keep_checkpoints: int = 2) -> None:
         tctx = ray.train.get_context()
         self.rank = tctx.get_world_rank()
         self.world_size = tctx.get_world_size()
         self.device = ray.train.torch.get_device()
-        self.run_dir = Path(run_dir)
-        self.fault = fault
+        self.run_dir = storage.as_path(run_dir)
+        self.checkpoints = CheckpointDir(self.run_dir, keep_checkpoints)
+        self.files = RunFiles(self.run_dir) if self.rank == 0 else None
         self._tmp: str | None = None
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def tensorboard_dir(self) -> Path:
+        return self.files.tensorboard_dir
 
     def all_reduce_(self, t: Tensor) -> Tensor:
         if self.world_size > 1:
@@ -70,72 +80,47 @@ class RayContext:
         return ordered_batches(ds.iter_batches(batch_size=None, batch_format="numpy"), cfg.data.batch_size,
                                start_step, cfg.train.iterations)
 
-    def load_latest_checkpoint(self, device: torch.device) -> tuple[dict | None, Path | None]:
+    def load_latest_checkpoint(self, device: torch.device):
         """Load inside `as_directory()`: local storage is read in place, remote storage is downloaded to a
         directory of this process. (`to_directory()` copies into one temporary directory per checkpoint, shared
         by the ranks of a node: one rank could read while another was still writing it.)"""
-        from .context import load_newest_intact
-
         ckpt = ray.train.get_checkpoint()
         if ckpt is None:
             return None, None
+        name = Path(ckpt.path).name
         with ckpt.as_directory() as d:
             state = _load_or_none(Path(d) / CHECKPOINT_FILE, device)
         if state is not None:
-            return state, Path(ckpt.path) / CHECKPOINT_FILE
-        # The latest is damaged: fall back to the older ones Ray kept beside it (local storage), newest first.
-        log.warning("%s: damaged checkpoint skipped; trying the older ones", Path(ckpt.path) / CHECKPOINT_FILE)
-        older = sorted((p / CHECKPOINT_FILE for p in self.run_dir.glob("step_*")
-                        if p.name < Path(ckpt.path).name and (p / CHECKPOINT_FILE).is_file()), reverse=True)
-        state, path = load_newest_intact(older, device)
+            return state, self.checkpoints.root / name / CHECKPOINT_FILE
+        # The latest is damaged: fall back to the older ones Ray kept beside it, newest first.
+        log.warning("%s: damaged checkpoint skipped; trying the older ones", self.checkpoints.root / name)
+        state, path = load_newest_intact(self.checkpoints.newest_first(before=name), device)
         if state is None:
             from ..errors import InputError
 
-            raise InputError(Path(ckpt.path) / CHECKPOINT_FILE, "damaged checkpoint and no older one to resume from")
+            raise InputError(self.checkpoints.root / name / CHECKPOINT_FILE,
+                             "damaged checkpoint and no older one to resume from")
         return state, path
 
-    def save_checkpoint(self, state: dict, step: int, is_best: bool) -> Path:
-        # Rank 0 writes into a local temporary directory; `report` hands it to Ray Train, which persists it to
-        # the run's storage (a local path or a cloud URI) and keeps the best k by val mIoU plus the latest.
+    def save_checkpoint(self, state: dict, step: int, is_best: bool):
         self._tmp = tempfile.mkdtemp(prefix="corte-ckpt-")
         path = Path(self._tmp) / CHECKPOINT_FILE
         torch.save(state, path)
-        return path
+        if is_best:
+            self.checkpoints.write_best(path)
+        return self.checkpoints.step_file(step)
 
-    def report(self, metrics: dict, checkpoint: Path | None = None) -> None:
+    def report(self, metrics: dict, checkpoint=None) -> None:
         clean = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
-        # Ray keeps the best k checkpoints by this score (and always the latest); unevaluated ones rank last.
-        clean["checkpoint_score"] = float(metrics.get("val_miou", -1.0))
-        ckpt = ray.train.Checkpoint.from_directory(str(checkpoint.parent)) if checkpoint else None
-        name = f"step_{int(metrics['step']):07d}" if ckpt else None
+        ckpt = ray.train.Checkpoint.from_directory(self._tmp) if checkpoint is not None and self._tmp else None
+        name = CheckpointDir.step_name(int(metrics["step"])) if ckpt else None
         ray.train.report(clean, checkpoint=ckpt, checkpoint_dir_name=name)
         if self.is_main:
-            from ..io_utils import append_line
-
-            append_line(self.run_dir / "metrics.jsonl", json.dumps(clean))
+            self.files.append_metrics(clean)
+            self.files.sync()
         if self._tmp:
             shutil.rmtree(self._tmp, ignore_errors=True)
             self._tmp = None
-
-    def on_resumed(self, step: int, restored: dict) -> None:
-        """Test hook: with fault["dump_resumed"], every rank saves what the checkpoint restored (models, the
-        method's state with its generator and teacher thresholds, the RNG), to compare with the checkpoint."""
-        if self.fault and self.fault.get("dump_resumed"):
-            torch.save({"step": step, **restored}, self.run_dir / f"resumed_rank{self.rank}.pt")
-
-    def on_step(self, step: int) -> None:
-        """Test hook: the named rank dies hard at the named step, once (a marker file remembers).
-
-        It first waits `delay_s`: Ray Train registers a reported checkpoint asynchronously, and a crash within a
-        fraction of a second of a report (which real crashes are not) could otherwise beat the registration."""
-        f = self.fault
-        if f and self.rank == f["rank"] and step == f["step"] and not Path(f["marker"]).exists():
-            import time
-
-            time.sleep(f.get("delay_s", 0.0))
-            Path(f["marker"]).touch()
-            log.warning("fault injection: rank %d exits at step %d", self.rank, step)
-            os._exit(1)
 
 
 def _load_or_none(path: Path, device: torch.device) -> dict | None:
@@ -155,18 +140,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if cfg.train.cpu_threads:
         torch.set_num_threads(cfg.train.cpu_threads)
     store = LabelStore(config["store"]) if config["store"] else None
-    ctx = RayContext(config["run_dir"], config.get("fault"))
-    result = train(cfg, ctx, store)
-    if config.get("dump_final_weights"):
-        # Test hook: every rank saves what it ends with, to check the replicas stayed identical.
-        m = result.models
-        state = {"student": m.student.state_dict()}
-        if m.teacher is not None:
-            state["teacher"] = m.teacher.state_dict()
-        if m.metric_head is not None:
-            state["metric_head"] = m.metric_head.state_dict()
-            state["proxies"] = m.proxies.state_dict()
-        torch.save(state, Path(config["run_dir"]) / f"final_rank{ctx.rank}.pt")
+    ctx = RayContext(config["run_dir"], cfg.train.keep_checkpoints)
+    train(cfg, ctx, store, hooks=config.get("hooks"))
 
 
 def job_needs(cfg: Config) -> dict[str, float]:
@@ -218,22 +193,31 @@ def check_cluster(cfg: Config, resources: dict[str, float] | None = None) -> Non
     raise ConfigError(problems[0] if len(problems) == 1 else " | ".join(problems))
 
 
-def _latest_step(run_dir: Path) -> int:
-    steps = [int(p.name.split("_")[1]) for p in run_dir.glob("step_*") if p.name.split("_")[1].isdigit()]
-    return max(steps, default=0)
+def _latest_step(run_dir) -> int:
+    return CheckpointDir(run_dir).latest_step()
 
 
-def fit_ray(cfg: Config, run_dir: str | Path, store_path: str | None, fault: dict | None = None,
-            dump_final_weights: bool = False, callbacks: list | None = None):
+def fit_ray(cfg: Config, run_dir, store_path: str | None, hooks: TrainHooks | None = None,
+            callbacks: list | None = None):
     """Run (or resume: same run_dir) one adaptation on Ray Train; returns the loop's last metrics.
 
+    `run_dir`: a local path or an s3:// / gs:// URI; every worker reads and writes it directly.
+    `hooks`: a context.TrainHooks the workers call (tests only; it is pickled to them).
     `callbacks`: Ray Train UserCallbacks (a Tune trial passes TuneReportCallback: each report -> one iteration)."""
     from .loop import TargetTrainSet, TrainResult
     from ..data.datasets import open_dataset
     from ..methods.steps import METHODS
     from ..blackbox.store import LabelStore
 
-    run_dir = Path(run_dir).resolve()
+    run_dir = storage.as_path(run_dir)
+    if not storage.is_remote(run_dir):
+        run_dir = run_dir.resolve()   # Ray Train wants an absolute local path (never for a URI: s3:/...)
+    if not (run_dir / "checkpoints").exists() and any(run_dir.glob("step_*")):
+        from ..errors import InputError
+
+        raise InputError(run_dir, "holds checkpoints in the Ray engine's old layout (RUN/step_N, before "
+                                  "RUN/checkpoints/step_N for both engines); it cannot be resumed by this version: "
+                                  "start the run again in another --out")
     from ..ray_cluster import connect
 
     # A local instance gets this machine's cores, no more: check_cluster then refuses a job that cannot fit.
@@ -244,25 +228,28 @@ def fit_ray(cfg: Config, run_dir: str | Path, store_path: str | None, fault: dic
     # so a store that does not fails here, naming it, instead of on every worker.
     method_cls = METHODS.get(cfg.method)
     if method_cls.needs_box_labels and store_path:
-        train_set = open_dataset(cfg.data.dataset, Path(cfg.data.root), split=cfg.data.train_split,
-                                 city=cfg.data.city, labels_dir=cfg.data.labels_dir, label_space=cfg.data.label_space)
+        train_set = open_dataset(cfg.data.dataset, cfg.data.root, split=cfg.data.train_split, city=cfg.data.city,
+                                 labels_dir=cfg.data.labels_dir, label_space=cfg.data.label_space)
         TargetTrainSet(train_set, LabelStore(store_path))
     start = _latest_step(run_dir)
 
     s = cfg.scaling
+    storage_fs, storage_path = storage.resolve(run_dir)
+    if not storage.is_remote(run_dir):
+        storage_fs = None   # Ray's own local filesystem handling (a plain path)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": cfg.to_dict(), "run_dir": str(run_dir), "store": store_path, "fault": fault,
-                           "dump_final_weights": dump_final_weights},
+        train_loop_config={"cfg": cfg.to_dict(), "run_dir": str(run_dir), "store": store_path, "hooks": hooks},
         scaling_config=ray.train.ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,
                                                resources_per_worker={"CPU": s.cpus_per_worker,
                                                                      **s.resources_per_worker}),
+        # Ray Train's run is RUN/checkpoints: its step_NNNNNNN directories are the checkpoint layout of both
+        # engines, kept newest k (no score attribute: by report order, as the local engine prunes).
         run_config=ray.train.RunConfig(
-            name=run_dir.name, storage_path=str(run_dir.parent), callbacks=list(callbacks or []),
+            name="checkpoints", storage_path=storage_path, storage_filesystem=storage_fs,
+            callbacks=list(callbacks or []),
             failure_config=ray.train.FailureConfig(max_failures=s.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints,
-                                                         checkpoint_score_attribute="checkpoint_score",
-                                                         checkpoint_score_order="max")),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints)),
     )
     try:
         result = trainer.fit()
@@ -273,6 +260,7 @@ def fit_ray(cfg: Config, run_dir: str | Path, store_path: str | None, fault: dic
         raise CorteError(f"training failed on the Ray workers ({first}); the last checkpoint is in {run_dir}: "
                          f"continue with `corte-ray adapt --out {run_dir} --resume` (or raise "
                          f"scaling.max_failures to restart automatically)") from exc
-    ckpt = Path(result.checkpoint.path) / CHECKPOINT_FILE if result.checkpoint else None
+    ckpt = CheckpointDir(run_dir).root / Path(result.checkpoint.path).name / CHECKPOINT_FILE \
+        if result.checkpoint else None
     return TrainResult(step=int(result.metrics.get("step", start)) if result.metrics else start,
                        metrics=dict(result.metrics or {}), checkpoint=ckpt)

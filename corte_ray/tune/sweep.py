@@ -13,6 +13,7 @@ The sweep directory OUT holds:
                       before any trial; every trial reads it (the box is never queried by a trial)
     tune/             Ray Tune's experiment (its state, for --resume; per-trial results)
     trials/ID/        one adapt run per trial: config.yaml, metrics.jsonl, tensorboard/, checkpoints
+OUT may be a local path or an s3:// / gs:// URI (corte_ray.storage): Tune's state and every trial go there.
     leaderboard.csv   every trial: knobs, mIoU, unsupervised score, steps run, stopped early
     best.yaml         the best trial's resolved config: `corte-ray adapt --config OUT/best.yaml --out RUN`
 """
@@ -31,9 +32,10 @@ from typing import Any
 
 from ray.tune import Callback
 
+from .. import storage
 from ..config import Config, load_config, save_config
 from ..errors import ConfigError, InputError
-from ..io_utils import write_json_atomic, write_text_atomic
+from ..io_utils import append_line, write_json_atomic, write_text_atomic
 from .space import Space, apply_knobs, load_space, to_param_space
 
 log = logging.getLogger(__name__)
@@ -54,11 +56,10 @@ def trial_driver(config: dict[str, Any], base: dict[str, Any], sweep_dir: str) -
 
     trial_id = tune.get_context().get_trial_id()
     cfg = apply_knobs(base, config)
-    run_dir = Path(sweep_dir) / "trials" / trial_id
+    run_dir = storage.as_path(sweep_dir) / "trials" / trial_id
     run_dir.mkdir(parents=True, exist_ok=True)
     # One line per start of this trial: a resumed sweep restarts only unfinished trials (tests count these).
-    with open(run_dir / "starts.log", "a") as f:
-        f.write(f"{time.time():.3f} pid {os.getpid()}\n")
+    append_line(run_dir / "starts.log", f"{time.time():.3f} pid {os.getpid()}")
     save_config(cfg, run_dir / "config.yaml")
     # The same Train run name on a restart: Ray Train resumes the trial from its last checkpoint.
     result = fit_ray(cfg, run_dir, cfg.blackbox.label_store or None, callbacks=[TuneReportCallback()])
@@ -68,7 +69,7 @@ def trial_driver(config: dict[str, Any], base: dict[str, Any], sweep_dir: str) -
 
 
 # ------------------------------------------------------------------------------------------ the sweep
-def sweep_base_config(cfg: Config, out: Path) -> Config:
+def sweep_base_config(cfg: Config, out) -> Config:
     """What every trial shares, on top of the user's config: the Ray Train engine, one report per evaluation, the
     unsupervised scores on, the shared label store."""
     from ..config import from_dict
@@ -208,7 +209,9 @@ def run_sweep(config: str | None, overrides: list[str], space_path: str | None, 
     import ray
     from ray import tune
 
-    out = Path(out).resolve()
+    out = storage.as_path(out)
+    if not storage.is_remote(out):
+        out = out.resolve()
     state_path = out / "sweep.json"
     if resume:
         if not state_path.exists():
@@ -260,12 +263,16 @@ def run_sweep(config: str | None, overrides: list[str], space_path: str | None, 
 
     trainable = tune.with_resources(tune.with_parameters(trial_driver, base=base.to_dict(), sweep_dir=str(out)),
                                     {"CPU": DRIVER_CPUS})
-    exp_dir = out / "tune"
-    run_config = tune.RunConfig(name="tune", storage_path=str(out), verbose=0,
+    # Tune's storage: a plain path locally, (filesystem, bucket/path) on object storage.
+    fs, fs_out = storage.resolve(out)
+    fs = fs if storage.is_remote(out) else None
+    exp_dir = f"{fs_out}/tune"
+    run_config = tune.RunConfig(name="tune", storage_path=fs_out, storage_filesystem=fs, verbose=0,
                                 callbacks=[ProgressTable(space.keys, base.train.iterations)])
     t0 = time.perf_counter()
-    if resume and tune.Tuner.can_restore(str(exp_dir)):
-        tuner = tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_unfinished=True, resume_errored=False)
+    if resume and tune.Tuner.can_restore(exp_dir, storage_filesystem=fs):
+        tuner = tune.Tuner.restore(exp_dir, trainable=trainable, resume_unfinished=True, resume_errored=False,
+                                   storage_filesystem=fs)
     else:
         tuner = tune.Tuner(trainable, param_space=param_space, run_config=run_config,
                            tune_config=tune.TuneConfig(
@@ -299,7 +306,7 @@ def run_sweep(config: str | None, overrides: list[str], space_path: str | None, 
 
 
 # ------------------------------------------------------------------------------------------ outputs
-def leaderboard_rows(grid, space: Space, base: Config, out: Path) -> list[dict]:
+def leaderboard_rows(grid, space: Space, base: Config, out) -> list[dict]:
     """One row per trial from Tune's results: knobs, the last evaluation's mIoU and scores, steps, stopped early."""
     rows = []
     for res in grid:
@@ -329,7 +336,7 @@ def _sorted(rows: list[dict], metric: str) -> list[dict]:
     return sorted(rows, key=lambda r: (r["status"] != "done", -(r[key] if r[key] is not None else -1e9)))
 
 
-def write_leaderboard(rows: list[dict], space: Space, path: Path) -> None:
+def write_leaderboard(rows: list[dict], space: Space, path) -> None:
     import io
 
     candidates = sorted({k for r in rows for k in r["scores"]})
@@ -351,8 +358,8 @@ def format_leaderboard(rows: list[dict], space: Space, metric: str) -> str:
     return format_table(head, body)
 
 
-def write_best(best: dict, metric: str, out: Path) -> Path:
-    cfg_text = (Path(best["run_dir"]) / "config.yaml").read_text()
+def write_best(best: dict, metric: str, out):
+    cfg_text = (storage.as_path(best["run_dir"]) / "config.yaml").read_text()
     header = (f"# The best trial ({best['trial_id']}, by {metric}) of the sweep in {out}: val mIoU "
               f"{_fmt(best['miou'])}, unsupervised {_fmt(best['unsupervised'])} after {best['steps']} steps.\n"
               f"# Knobs: {json.dumps(best['knobs'])}\n"
