@@ -96,6 +96,7 @@ def test_killed_worker_restarts_from_checkpoint(ray_cluster, tiny_bench, store, 
     assert torch.load(result.checkpoint, weights_only=True)["step"] == 6
 
 
+@pytest.mark.slow   # ~90 s: two 2-worker runs; in .ci/run
 def test_a_restarted_group_ends_with_the_weights_of_an_uninterrupted_run(ray_cluster, tiny_bench, store, tmp_path):
     """Rank 1 dies at step 3 and the group restarts from the step-2 checkpoint: each worker's stream starts again
     at step 2 (not at the run's first step), so the run ends with exactly the uninterrupted run's weights."""
