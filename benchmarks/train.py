@@ -122,10 +122,10 @@ def main() -> None:
     command = "python benchmarks/train.py " + " ".join(sys.argv[1:])
     print(f"training throughput: {args.method}, {args.student}, {h}x{w}, batch {args.batch}/worker, "
           f"{args.threads} thread(s)/worker, {args.iterations} steps, cpu ({os.cpu_count()} cores)")
-    print(f"{'engine':24s} {'images/s':>9s} {'vs plain':>9s} {'wall s':>8s}")
+    print(f"{'engine':32s} {'images/s':>9s} {'vs plain':>9s} {'wall s':>8s}")
     for name, r in rows.items():
         r["vs_plain_pct"] = 100 * (r["images_per_s"] / base - 1)
-        print(f"{name:24s} {r['images_per_s']:9.2f} {r['vs_plain_pct']:+8.1f}% {r['wall_s']:8.1f}")
+        print(f"{name:32s} {r['images_per_s']:9.2f} {r['vs_plain_pct']:+8.1f}% {r['wall_s']:8.1f}")
     overhead = -rows["ray train, 1 worker"]["vs_plain_pct"]
     print(f"Ray Train 1-worker overhead: {overhead:.1f} % (goal <= 3 %); ray.init took {ray_start:.1f} s")
     print(f"command: {command}")
