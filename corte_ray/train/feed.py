@@ -80,6 +80,43 @@ class DecodeBlock:
         return out
 
 
+def _idle_backoff_class():
+    """A Ray Data ExecutionCallback that pauses the stream's scheduling loop while it has nothing to do.
+
+    Ray Data 2.60's StreamingExecutor runs its loop in the consuming process (here: the Train worker) and only
+    blocks in `ray.wait` while a task is running. When the trainer is the slow side (always: decoding a block is
+    ~70x faster than training on it, benchmarks/train.py) the decoded blocks wait, held back by the output budget,
+    `ray.wait` returns at once on them, and the loop spins: measured at ~45 % of a core per worker, holding the GIL against the training thread, which
+    made two sweep trials on 2 cores train at 2.5 images/s each against 9 on the local engine. A loop step after
+    which nothing moved (no task started or finished, no output made or taken) is followed by a 50 ms pause: it
+    delays the next dispatch by at most that, against seconds of training per block."""
+    import time
+
+    from ray.data._internal.execution.execution_callback import ExecutionCallback
+
+    class IdleBackoff(ExecutionCallback):
+        def __init__(self) -> None:
+            self._last = None
+
+        def on_execution_step(self, executor) -> None:
+            topology = getattr(executor, "_topology", None)
+            if not topology:
+                return
+            try:   # what moved since the last step: tasks started or finished, outputs made or taken
+                now = tuple((m.num_tasks_submitted, m.num_tasks_finished, m.num_task_outputs_generated,
+                             m.num_outputs_taken) for m in (op.metrics for op in topology))
+            except AttributeError:   # another Ray Data: leave its loop alone
+                return
+            if now == self._last:
+                time.sleep(IDLE_PAUSE_S)
+            self._last = now
+
+    return IdleBackoff
+
+
+IDLE_PAUSE_S = 0.05
+
+
 def rank_stream(data, cfg, rank: int, start_step: int):
     """The Ray Data stream of one rank's training rows from `start_step` to `train.iterations`."""
     import ray.data
@@ -97,6 +134,9 @@ def rank_stream(data, cfg, rank: int, start_step: int):
                              per_block),
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, s.data_workers)))
     ds.context.enable_progress_bars = False   # one log line per progress window is ours (ProgressReporter)
+    # This stream's own context (not the global one): no busy scheduling loop beside the trainer.
+    ds.context.custom_execution_callback_classes = [*ds.context.custom_execution_callback_classes,
+                                                    _idle_backoff_class()]
     return ds
 
 
