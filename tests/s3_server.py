@@ -56,12 +56,17 @@ def s3_server():
     saved = {k: os.environ.get(k) for k in s3_env(endpoint)}
     os.environ.update(s3_env(endpoint))
     yield endpoint
+    restore_env(saved)
+    server.stop()
+
+
+def restore_env(saved: dict[str, str | None]) -> None:
+    """Put back the environment variables `saved` holds (None: it was not set)."""
     for k, v in saved.items():
         if v is None:
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
-    server.stop()
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from corte_ray import storage
-from tests.s3_server import make_bucket, s3_env, start_server
+from tests.s3_server import make_bucket, restore_env, s3_env, start_server
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 BUCKET = "corte-e2e"
@@ -52,11 +52,7 @@ def s3(tmp_path_factory):
         shutil.rmtree(work)   # from here on the data is in the bucket only
         yield {**os.environ, **env, "PYTHONPATH": str(ROOT), "CORTE_NO_PROGRESS": "1"}
     finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        restore_env(saved)
         server.stop()
 
 
