@@ -30,7 +30,11 @@ def ray_cluster():
     # The dashboard on, as the sweep itself runs (placement groups of stopped trials are cleaned up by it);
     # the counting box registered in every worker, so the test can count the box's queries.
     ray.init(num_cpus=2, object_store_memory=200 * 1024**2, include_dashboard=True, log_to_driver=False,
-             runtime_env={"worker_process_setup_hook": "tests.counting_box.register"})
+             runtime_env={"worker_process_setup_hook": "tests.counting_box.register",
+                          # the workers import `tests` from the checkout, as pytest does, PYTHONPATH set or not
+                          "env_vars": {"PYTHONPATH": os.pathsep.join(
+                              p for p in (str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH"))
+                              if p)}})
     yield
     ray.shutdown()
 
