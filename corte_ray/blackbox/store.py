@@ -24,6 +24,7 @@ probabilities, i.e. exactly what training later reads.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -90,13 +91,19 @@ class BoxLabels:
     rc: np.ndarray | None       # (H,W) float32, None for a hard-label box
 
 
+@contextlib.contextmanager
 def _parquet_source(path):
-    """What pyarrow.parquet reads: a local path as it is, an object as a seekable remote file."""
-    return path if isinstance(path, Path) else path.open("rb")
+    """What pyarrow.parquet reads: a local path as it is, an object as a seekable remote file (closed after)."""
+    if isinstance(path, Path):
+        yield path
+        return
+    with path.open("rb") as f:
+        yield f
 
 
 def _read_table(path, columns: list[str] | None = None) -> pa.Table:
-    return pq.read_table(_parquet_source(path), columns=columns)
+    with _parquet_source(path) as src:
+        return pq.read_table(src, columns=columns)
 
 
 def _sha256(path) -> str:
@@ -324,12 +331,13 @@ class LabelStore:
             if check.problem is not None:
                 raise InputError(check.path, _damage_message(check, self.root))
             try:
-                f = pq.ParquetFile(_parquet_source(check.path))
-                for rg in range(f.num_row_groups):
-                    keys = f.read_row_group(rg, columns=["key"]).column("key").to_pylist()
-                    for i, key in enumerate(keys):
-                        self._rows += 1
-                        self._index.setdefault(key, (check.path, rg, i))
+                with _parquet_source(check.path) as src:
+                    f = pq.ParquetFile(src)
+                    for rg in range(f.num_row_groups):
+                        keys = f.read_row_group(rg, columns=["key"]).column("key").to_pylist()
+                        for i, key in enumerate(keys):
+                            self._rows += 1
+                            self._index.setdefault(key, (check.path, rg, i))
             except Exception as err:  # noqa: BLE001 - pyarrow raises several types for a damaged file
                 raise InputError(check.path, _damage_message(
                     PartCheck(check.path, check.keys, f"unreadable ({type(err).__name__})"), self.root)) from None
@@ -373,8 +381,9 @@ class LabelStore:
     def _read_row_groups(self, part: Path, row_groups: list[int]) -> dict[int, dict]:
         """{row group: its rows as a column dict} of one part, in one read."""
         try:
-            f = pq.ParquetFile(_parquet_source(part))
-            return {rg: f.read_row_group(rg).to_pydict() for rg in row_groups}
+            with _parquet_source(part) as src:
+                f = pq.ParquetFile(src)
+                return {rg: f.read_row_group(rg).to_pydict() for rg in row_groups}
         except Exception as err:  # noqa: BLE001 - changed on disk since it was opened
             raise InputError(part, _damage_message(PartCheck(part, [], f"unreadable ({type(err).__name__})"),
                                                    self.root)) from None

@@ -2,8 +2,8 @@
 
 Every Train worker builds its own stream when the loop asks for batches (`rank_stream`), starting at the step
 it resumed from, so a restart (a new worker group after a lost node, or `--resume`) reads exactly the batches
-an uninterrupted run reads, and nothing is decoded twice. The stream is a `ray.data.range` of *blocks* of
-steps: a decode actor turns block j into the `steps_per_block` x batch_size images of steps
+an uninterrupted run reads, and nothing is decoded twice. The stream is a `ray.data.from_items` of *block*
+ids: a decode actor turns block j into the `steps_per_block` x batch_size images of steps
 start + j*steps_per_block ... (the order of `sample_order`, computed there, never materialised on the driver),
 reads their box answers from the label store part by part, and tags every row with its step. The pool grows
 from one actor per rank up to `scaling.data_workers` while the trainer waits for data, so decoding scales with
@@ -51,7 +51,7 @@ class DecodeBlock:
 
     def indices(self, block: int) -> tuple[list[int], list[int]]:
         """(image indices, their steps) of one block."""
-        from .loop import sample_order
+        from .data import sample_order
 
         steps = block_steps(block, self.start, self.iterations, self.per_block)
         if not steps:

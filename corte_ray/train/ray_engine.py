@@ -193,10 +193,6 @@ def check_cluster(cfg: Config, resources: dict[str, float] | None = None) -> Non
     raise ConfigError(problems[0] if len(problems) == 1 else " | ".join(problems))
 
 
-def _latest_step(run_dir) -> int:
-    return CheckpointDir(run_dir).latest_step()
-
-
 def fit_ray(cfg: Config, run_dir, store_path: str | None, hooks: TrainHooks | None = None,
             callbacks: list | None = None):
     """Run (or resume: same run_dir) one adaptation on Ray Train; returns the loop's last metrics.
@@ -231,7 +227,7 @@ def fit_ray(cfg: Config, run_dir, store_path: str | None, hooks: TrainHooks | No
         train_set = open_dataset(cfg.data.dataset, cfg.data.root, split=cfg.data.train_split, city=cfg.data.city,
                                  labels_dir=cfg.data.labels_dir, label_space=cfg.data.label_space)
         TargetTrainSet(train_set, LabelStore(store_path))
-    start = _latest_step(run_dir)
+    start = CheckpointDir(run_dir).latest_step()
 
     s = cfg.scaling
     storage_fs, storage_path = storage.resolve(run_dir)
