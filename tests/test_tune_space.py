@@ -3,6 +3,10 @@ values, a knob the method does not read, each fails naming it; and the unsupervi
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +14,7 @@ import pytest
 
 from corte_ray.config import load_config
 from corte_ray.errors import ConfigError
+import corte_ray.tune.space as space_mod
 from corte_ray.tune.space import apply_knobs, load_space
 from corte_ray.tune.score import agreement_miou, rank, spearman
 
@@ -27,6 +32,36 @@ def test_shipped_spaces_load(name):
     base = load_config(None, [f"method={name if name != 'tiny' else 'corte'}"])
     space = load_space(REPO / "tune_spaces" / f"{name}.yaml", base)
     assert space.knobs
+
+
+def test_a_wheel_install_ships_the_spaces_where_space_by_name_finds_them(tmp_path, monkeypatch):
+    """`--space corte` on a node that pip-installed the wheel (no checkout): the wheel carries tune_spaces/*.yaml
+    as data files under share/corte-ray/tune_spaces, and load_space finds a name there."""
+
+    src = tmp_path / "src"   # a copy: the build writes build/ and *.egg-info beside the sources
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, src / name)
+    for name in ("corte_ray", "tune_spaces"):
+        shutil.copytree(REPO / name, src / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    wheels = tmp_path / "wheels"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(wheels),
+                    str(src)], check=True, capture_output=True, timeout=300)
+    (whl,) = wheels.glob("corte_ray-*.whl")
+    names = zipfile.ZipFile(whl).namelist()
+    for name in ("corte", "stvm", "threshold_st", "tiny"):
+        assert any(n.endswith(f".data/data/share/corte-ray/tune_spaces/{name}.yaml") for n in names), names
+
+    # Installed layout: the data files under sys.prefix, the package elsewhere (no tune_spaces/ beside it).
+    prefix = tmp_path / "prefix"
+    (prefix / "share" / "corte-ray" / "tune_spaces").mkdir(parents=True)
+    (prefix / "share" / "corte-ray" / "tune_spaces" / "only_installed.yaml").write_text(
+        "method: corte\nknobs:\n  corte.rc_scale: {uniform: [0.8, 1.2]}\n")
+    monkeypatch.setattr(sys, "prefix", str(prefix))
+    space = space_mod.load_space("only_installed", load_config(None, ["method=corte"]))
+    assert [k.key for k in space.knobs] == ["corte.rc_scale"]
+    with pytest.raises(ConfigError, match="does not exist"):
+        space_mod.load_space("no_such_space", load_config(None, ["method=corte"]))
 
 
 def test_every_knob_of_methods_4_is_in_a_shipped_space():

@@ -19,6 +19,7 @@ space without starting Ray.
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -95,17 +96,26 @@ def _relevant(method: str, key: str) -> bool:
     return True
 
 
+def shipped_space_dirs() -> list[Path]:
+    """Where `--space NAME` finds NAME.yaml: the checkout's tune_spaces/ (a source or editable install), then the
+    copy a wheel install puts in <prefix>/share/corte-ray/tune_spaces (pyproject's data-files)."""
+    return [Path(__file__).resolve().parents[2] / "tune_spaces", Path(sys.prefix) / "share" / "corte-ray" / "tune_spaces"]
+
+
 def load_space(path: str | Path, base: Config) -> Space:
     """Read and check a space file against the base config (the one every trial starts from)."""
     path = Path(path)
     if not path.exists() and not path.suffix:
-        shipped = Path(__file__).resolve().parents[2] / "tune_spaces" / f"{path}.yaml"
-        if shipped.exists():
-            path = shipped
+        for folder in shipped_space_dirs():
+            if (folder / f"{path}.yaml").exists():
+                path = folder / f"{path}.yaml"
+                break
     try:
         doc = yaml.safe_load(path.read_text()) or {}
     except FileNotFoundError:
-        raise ConfigError(f"space file {path} does not exist") from None
+        shipped = sorted({f.stem for d in shipped_space_dirs() if d.is_dir() for f in d.glob("*.yaml")})
+        hint = f" (shipped spaces, by name: {', '.join(shipped)})" if shipped and not path.suffix else ""
+        raise ConfigError(f"space file {path} does not exist{hint}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"space file {path} is not valid YAML: {exc}") from None
     if not isinstance(doc, dict):
