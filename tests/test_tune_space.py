@@ -14,7 +14,6 @@ import pytest
 
 from corte_ray.config import load_config
 from corte_ray.errors import ConfigError
-import corte_ray.tune.space as space_mod
 from corte_ray.tune.space import apply_knobs, load_space
 from corte_ray.tune.score import agreement_miou, rank, spearman
 
@@ -58,10 +57,10 @@ def test_a_wheel_install_ships_the_spaces_where_space_by_name_finds_them(tmp_pat
     (prefix / "share" / "corte-ray" / "tune_spaces" / "only_installed.yaml").write_text(
         "method: corte\nknobs:\n  corte.rc_scale: {uniform: [0.8, 1.2]}\n")
     monkeypatch.setattr(sys, "prefix", str(prefix))
-    space = space_mod.load_space("only_installed", load_config(None, ["method=corte"]))
+    space = load_space("only_installed", load_config(None, ["method=corte"]))
     assert [k.key for k in space.knobs] == ["corte.rc_scale"]
     with pytest.raises(ConfigError, match="does not exist"):
-        space_mod.load_space("no_such_space", load_config(None, ["method=corte"]))
+        load_space("no_such_space", load_config(None, ["method=corte"]))
 
 
 def test_every_knob_of_methods_4_is_in_a_shipped_space():
