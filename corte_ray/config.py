@@ -107,6 +107,8 @@ class CorteConfig:
     refine_start: float = 0.25                     # fraction of the schedule before teacher refinement starts
     warmup: float = 0.10                           # fraction of the schedule on y_B only, no mixing
     weak_weight: float = 1.0                       # lambda_w of the weak-view CE
+    strong_rampup: float = 0.0                     # fraction of the schedule over which the strong-view CE's weight
+                                                   # ramps up, exp(-5 (1 - t/T)^2) (Mean Teacher's ramp); 0 = none
     mix: bool = True                               # ClassMix the strong view (false: the ablation without mixing)
     fill: Literal["confident", "agree"] = "confident"  # teacher fills of R2CP-ignored pixels: where it is
                                                    # confident, or where it is confident and agrees with the box's top-1
@@ -118,7 +120,28 @@ class CorteConfig:
         _in_range(self.refine_start, f"{p}.refine_start", 0.0, 1.0)
         _in_range(self.warmup, f"{p}.warmup", 0.0, 1.0)
         _in_range(self.weak_weight, f"{p}.weak_weight", 0.0, 100.0)
+        _in_range(self.strong_rampup, f"{p}.strong_rampup", 0.0, 1.0)
         _check(self.fill in ("confident", "agree"), f"{p}.fill", f"must be confident or agree, got {self.fill!r}")
+
+
+@dataclass
+class AugmentConfig:
+    """The strong (photometric) view of consistent training, on top of the weak view (METHODS 1.3)."""
+
+    jitter: float = 0.4                            # brightness, contrast, saturation factors uniform in [1-x, 1+x]
+    hue: float = 0.1                               # hue shift uniform in [-hue, hue] of the colour wheel
+    jitter_p: float = 1.0                          # probability of the colour jitter, per image
+    blur_p: float = 0.5                            # probability of a Gaussian blur, per image
+    blur_sigma: tuple[float, float] = (0.1, 2.0)   # its sigma, uniform, in pixels of the training crop
+    grayscale_p: float = 0.2                       # probability of grayscale, per image
+
+    def validate(self, p: str = "augment") -> None:
+        _in_range(self.jitter, f"{p}.jitter", 0.0, 1.0)
+        _in_range(self.hue, f"{p}.hue", 0.0, 0.5)
+        for key in ("jitter_p", "blur_p", "grayscale_p"):
+            _in_range(getattr(self, key), f"{p}.{key}", 0.0, 1.0)
+        lo, hi = self.blur_sigma
+        _check(0.0 < lo <= hi <= 10.0, f"{p}.blur_sigma", f"must be [lo, hi] with 0 < lo <= hi <= 10, got {list(self.blur_sigma)}")
 
 
 @dataclass
@@ -241,6 +264,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     blackbox: BlackBoxConfig = field(default_factory=BlackBoxConfig)
     corte: CorteConfig = field(default_factory=CorteConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
     ema: EMAConfig = field(default_factory=EMAConfig)
     stvm: STvMConfig = field(default_factory=STvMConfig)
     threshold_st: ThresholdSTConfig = field(default_factory=ThresholdSTConfig)

@@ -64,3 +64,13 @@ def test_exponent_without_dot_is_a_number(tmp_path):
     assert load_config(None, ["stvm.metric_lr=5e-4"]).stvm.metric_lr == 0.0005
     with pytest.raises(ConfigError, match="train.lr: must be a number"):
         load_config(None, ["train.lr=fast"])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("augment.blur_sigma=[2.0,1.0]", "augment.blur_sigma: must be"),
+    ("augment.jitter_p=1.5", "augment.jitter_p"),
+    ("corte.strong_rampup=-0.1", "corte.strong_rampup"),
+])
+def test_augment_and_ramp_settings_are_checked_by_name(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])

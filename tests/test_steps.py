@@ -3,6 +3,8 @@ CoRTe taken (warm-up on y_B only, teacher refinement after refine_start), paddin
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -127,3 +129,30 @@ def test_stvm_mocm_reads_the_reliability_the_loss_uses(norm, monkeypatch):
         assert torch.allclose(normalised[valid], rel_used[valid], atol=1e-5) and all(abs(m - 1) < 1e-4 for m in means)
     else:
         assert (rel_used[valid] <= 1).all() and not all(abs(m - 1) < 1e-4 for m in means)
+
+
+def test_strong_ramp_is_mean_teachers_sigmoid_and_weights_the_strong_loss():
+    from corte_ray.methods.steps import strong_ramp
+
+    assert strong_ramp(0, 100, 0.0) == 1.0 and strong_ramp(50, 100, 0.0) == 1.0
+    assert abs(strong_ramp(0, 100, 0.5) - math.exp(-5)) < 1e-12
+    ramp = [strong_ramp(t, 100, 0.5) for t in range(0, 60)]
+    assert all(a < b for a, b in zip(ramp[:50], ramp[1:51])) and ramp[50:] == [1.0] * 10
+    # The step's total loss is ramp * strong + weak_weight * weak, in warm-up and after it.
+    _, models, step = _setup("corte", "corte.strong_rampup=0.5", "corte.warmup=0.1", "corte.weak_weight=0.7")
+    for it in (5, 30):
+        out = step.step(models, _batch(), it, 100)
+        expected = strong_ramp(it, 100, 0.5) * out["loss_strong"] + 0.7 * out["loss_weak"]
+        assert out["strong_weight"] == strong_ramp(it, 100, 0.5)
+        torch.testing.assert_close(out["loss"].detach(), expected)
+
+
+def test_augment_settings_reach_the_strong_view():
+    # With every photometric part off, the strong view is the weak view; with the defaults it is not.
+    _, _, step = _setup("corte", "augment.jitter=0.0", "augment.hue=0.0", "augment.blur_p=0.0",
+                        "augment.grayscale_p=0.0")
+    weak, strong, _ = step.views(_batch(), ("box_top1",))
+    torch.testing.assert_close(strong, weak)
+    _, _, step = _setup("corte")
+    weak, strong, _ = step.views(_batch(), ("box_top1",))
+    assert (strong - weak).abs().mean() > 1e-3

@@ -179,3 +179,29 @@ def test_one_nearest_geometry_for_the_store_the_loader_and_the_views():
         np.testing.assert_array_equal(resize_map(labels.numpy(), size), exact[0, 0].byte().numpy())
         assert torch.equal(_resize_nearest(labels, size), exact[0, 0].byte())
     assert nearest_index(2, 4).tolist() == [1, 3]   # centres 1.0 and 3.0, not the top-left 0 and 2
+
+
+def test_strong_view_jitter_probability_skips_the_jitter_on_some_images():
+    images = random_images(batch=64)
+    jitter_only = dict(brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1, blur_p=0.0, grayscale_p=0.0)
+    never = strong_view(images, torch.Generator().manual_seed(3), jitter_p=0.0, **jitter_only)
+    torch.testing.assert_close(never, images)
+    always = strong_view(images, torch.Generator().manual_seed(3), jitter_p=1.0, **jitter_only)
+    assert all((always[i] - images[i]).abs().mean() > 1e-3 for i in range(64))
+    half = strong_view(images, torch.Generator().manual_seed(3), jitter_p=0.5, **jitter_only)
+    untouched = [bool(torch.equal(half[i], images[i])) for i in range(64)]
+    assert 16 <= sum(untouched) <= 48
+    # The jittered images get the same jitter as with jitter_p = 1: the extra draw comes after the others.
+    for i in range(64):
+        if not untouched[i]:
+            torch.testing.assert_close(half[i], always[i])
+
+
+def test_the_default_jitter_probability_draws_nothing_more():
+    images = random_images(batch=4)
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    torch.testing.assert_close(strong_view(images, g1), strong_view(images, g2, jitter_p=1.0))
+    assert torch.equal(g1.get_state(), g2.get_state())
+    g3 = torch.Generator().manual_seed(5)
+    strong_view(images, g3, jitter_p=0.5)
+    assert not torch.equal(g1.get_state(), g3.get_state())

@@ -91,7 +91,10 @@ class Method:
         fills = [255.0 if batch[k].dtype == torch.long else 0.0 for k in keys] + [0.0]
         weak, maps_out = weak_view(image, maps, tuple(self.cfg.data.crop_size), generator=self.generator,
                                    fill_values=fills)
-        strong = strong_view(weak, generator=self.generator)
+        a = self.cfg.augment
+        strong = strong_view(weak, generator=self.generator, brightness=a.jitter, contrast=a.jitter,
+                             saturation=a.jitter, hue=a.hue, jitter_p=a.jitter_p, blur_p=a.blur_p,
+                             blur_sigma=tuple(a.blur_sigma), grayscale_p=a.grayscale_p)
         out = dict(zip(keys, maps_out[:-1]))
         out["valid"] = maps_out[-1] > 0.5
         return weak, strong, out
@@ -172,6 +175,16 @@ class Method:
     def load_state_dict(self, state: dict) -> None:
         self.generator.set_state(state["generator"])
         self.teacher_thresholds.load_state_dict(state["teacher_thresholds"])
+
+
+def strong_ramp(iteration: int, total: int, rampup: float) -> float:
+    """Weight of the strong-view loss: Mean Teacher's sigmoid ramp exp(-5 (1 - t/T)^2) over the first `rampup`
+    of the schedule, then 1; 1 throughout when rampup is 0."""
+    length = rampup * total
+    if length <= 0 or iteration >= length:
+        return 1.0
+    t = max(iteration, 0) / length
+    return math.exp(-5.0 * (1.0 - t) ** 2)
 
 
 def _label_fractions(labels: Tensor) -> float:
@@ -255,7 +268,10 @@ class Corte(Method):
                 mixed_img, mixed_y, mixed_w = strong, y, w
             loss_strong = self.weighted_ce(student(mixed_img), mixed_y, mixed_w)
             loss_weak = pixel_weighted_cross_entropy(student(weak), y)
-        loss = loss_strong + self.cfg.corte.weak_weight * loss_weak
+        ramp = strong_ramp(iteration, total, self.cfg.corte.strong_rampup)
+        loss = ramp * loss_strong + self.cfg.corte.weak_weight * loss_weak
+        if self.cfg.corte.strong_rampup > 0:
+            out["strong_weight"] = ramp
         out["loss_strong"] = loss_strong.detach()
         out["loss_weak"] = loss_weak.detach()
         if metric_loss is not None:

@@ -170,13 +170,15 @@ def strong_view(
     blur_p: float = 0.5,
     blur_sigma: tuple[float, float] = (0.1, 2.0),
     grayscale_p: float = 0.2,
+    jitter_p: float = 1.0,
 ) -> Tensor:
     """Photometric augmentation of (B, 3, H, W) images in [0, 1]; geometry untouched.
 
     Per image: colour jitter (brightness, contrast and saturation factors uniform in
     [1 - x, 1 + x], hue shift uniform in [-hue, hue] of the colour wheel, applied in that order
     as torchvision does), then a Gaussian blur with probability blur_p (sigma uniform in
-    blur_sigma), then grayscale with probability grayscale_p. Output clamped to [0, 1].
+    blur_sigma), then grayscale with probability grayscale_p. Output clamped to [0, 1]. With jitter_p < 1 the
+    colour jitter is applied to each image with that probability (one more draw per image, after the others).
     """
     if images.ndim != 4 or images.shape[1] != 3:
         raise ValueError(f"images must be (B, 3, H, W), got {tuple(images.shape)}")
@@ -186,6 +188,7 @@ def strong_view(
     def factor(column: int, strength: float) -> Tensor:
         return (1.0 - strength + 2.0 * strength * u[:, column]).view(batch, 1, 1, 1)
 
+    original = images
     x = (images * factor(0, brightness)).clamp(0, 1)
     gray_mean = _grayscale(x).mean(dim=(1, 2, 3), keepdim=True)
     x = (gray_mean + factor(1, contrast) * (x - gray_mean)).clamp(0, 1)
@@ -197,6 +200,9 @@ def strong_view(
         hsv = torch.stack([(hsv[:, 0] + shift) % 1.0, hsv[:, 1], hsv[:, 2]], 1)
         x = hsv_to_rgb(hsv).clamp(0, 1)
 
+    if jitter_p < 1.0:
+        keep = _uniform((batch,), generator, images.device).to(images.dtype) >= jitter_p
+        x = torch.where(keep.view(batch, 1, 1, 1), original, x)
     if blur_p > 0:
         sigmas = blur_sigma[0] + u[:, 4] * (blur_sigma[1] - blur_sigma[0])
         blurred = _gaussian_blur(x, sigmas, max(blur_sigma))
