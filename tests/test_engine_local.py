@@ -179,3 +179,31 @@ def test_budget_needs_the_ray_engine(tiny_bench, box_and_store, tmp_path, capsys
     assert main(["label", "--engine", "local", "--budget", "3", "--dataset", "synth", "--root", str(tiny_bench),
                  "--blackbox", f"file:{box}", "--out", str(tmp_path / "s")]) == 2
     assert "--budget" in capsys.readouterr().err
+
+
+def test_teacher_errors_benchmark_reads_a_runs_checkpoint(tiny_bench, box_and_store, tmp_path):
+    # benchmarks/teacher_errors.py, as a user runs it, on a real run's checkpoint: its pixel shares partition the
+    # labelled pixels, and the model's overall accuracy is their pixel-weighted mean (the parts are measured apart).
+    import subprocess
+    import sys
+
+    box, store = box_and_store
+    run = tmp_path / "run"
+    assert _adapt(run, tiny_bench, store, "train.iterations=3") == 0
+    out = tmp_path / "te.json"
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.run([sys.executable, str(root / "benchmarks" / "teacher_errors.py"), "--run", str(run),
+                           "--checkpoint", "step_0000003", "--root", str(tiny_bench), "--store", str(store),
+                           "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "R2CP kept, box wrong" in proc.stdout and "command: python benchmarks/teacher_errors.py" in proc.stdout
+    r = json.loads(out.read_text())
+    assert r["step"] == 3 and r["model"] == "teacher"
+    parts = ("kept_right", "kept_wrong", "dropped")
+    assert abs(sum(r["pixel_share"][k] for k in parts) - 100.0) < 1e-6
+    mixed = sum(r["pixel_share"][k] * r["model_accuracy"][k] for k in parts) / 100.0
+    assert abs(mixed - r["model_accuracy"]["all"]) < 1e-6
+    missing = subprocess.run([sys.executable, str(root / "benchmarks" / "teacher_errors.py"), "--run", str(run),
+                              "--checkpoint", "step_9", "--root", str(tiny_bench), "--store", str(store)],
+                             capture_output=True, text=True, timeout=300)
+    assert missing.returncode != 0 and "no checkpoint at" in missing.stderr
