@@ -37,7 +37,6 @@ ROWS: dict[str, tuple[str, list[str]]] = {
     "corte-no_refine": ("corte", ["corte.refine_start=1.0"]),  # the teacher never refines
     "corte-no_mix": ("corte", ["corte.mix=false"]),
     "corte-no_weak": ("corte", ["corte.weak_weight=0"]),
-    "corte-no_ramp": ("corte", ["corte.strong_rampup=0"]),     # the strong-view CE at full weight from step 0
     "stvm-no_metric": ("stvm", ["stvm.metric_weighting=false"]),
     "stvm-no_mocm": ("stvm", ["stvm.mocm=false"]),
 }

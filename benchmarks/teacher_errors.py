@@ -62,7 +62,14 @@ def main() -> None:
     counts = {k: [0, 0] for k in ("kept_right", "kept_wrong", "dropped", "all")}
     box_right = {k: [0, 0] for k in ("kept", "dropped", "all")}
     confusion = np.zeros((c, c), np.int64)      # confident errors: ground truth -> model
-    override = [0, 0, 0]                        # pixels changed, model right there, box right there
+    # Override rules on R2CP-kept pixels where the model disagrees with the box, with the run's teacher class
+    # thresholds tau^T (from the checkpoint) and beta = corte.teacher_scale: the spec's (rc_T > rc_B), confidence
+    # alone, and each confidence relative to its own model's class threshold (rc_T / tau^T > rc_B / tau^B).
+    beta = float(state["config"]["corte"]["teacher_scale"])
+    tt = state.get("method", {}).get("teacher_thresholds")
+    tau_t = tt["mean"].double().numpy() if tt is not None else None
+    rules = ("rc_T > rc_B", "confident only", "relative to class")
+    override = {r: [0, 0, 0] for r in rules}    # pixels changed, model right there, box right there
     for sample in ds.samples:
         gt = ds.read_label(sample).astype(np.int64)
         box = store.get(sample.key)
@@ -86,10 +93,16 @@ def main() -> None:
             box_right[name][0] += int((mask & ~wrong).sum())
             box_right[name][1] += int(mask.sum())
         np.add.at(confusion, (gt[kept & wrong], pred[kept & wrong]), 1)
-        changed = kept & (pred != top1) & (rc_m > box.rc)
-        override[0] += int(changed.sum())
-        override[1] += int((changed & (pred == gt)).sum())
-        override[2] += int((changed & ~wrong).sum())
+        if tau_t is not None:
+            t_pred = tau_t[pred]
+            confident = rc_m >= beta * t_pred
+            rel_m = rc_m / np.maximum(t_pred, 1e-6)
+            rel_b = box.rc / np.maximum(tau[top1], 1e-6)
+            for rule, extra in zip(rules, (rc_m > box.rc, np.ones_like(confident), rel_m > rel_b)):
+                changed = kept & (pred != top1) & confident & extra
+                override[rule][0] += int(changed.sum())
+                override[rule][1] += int((changed & (pred == gt)).sum())
+                override[rule][2] += int((changed & ~wrong).sum())
 
     total = max(counts["all"][1], 1)
     names = ds.label_space.class_names
@@ -99,8 +112,10 @@ def main() -> None:
         "box_accuracy": {k: share(*v) for k, v in box_right.items()},
         "model_accuracy": {k: share(*v) for k, v in counts.items()},
         "pixel_share": {k: share(v[1], total) for k, v in counts.items()},
-        "override": {"pixel_share": share(override[0], total), "model_right": share(override[1], override[0]),
-                     "box_right": share(override[2], override[0])},
+        "teacher_scale": beta,
+        "override": {r: {"pixel_share": share(o[0], total), "model_right": share(o[1], o[0]),
+                         "box_right": share(o[2], o[0]), "net_right_pixels": o[1] - o[2]}
+                     for r, o in override.items()} if tau_t is not None else {},
         "confident_errors": {names[g]: {"pixels": int(confusion[g].sum()),
                                         "model_says": {names[j]: share(confusion[g, j], confusion[g].sum())
                                                        for j in np.argsort(-confusion[g])[:3]}}
@@ -116,9 +131,11 @@ def main() -> None:
     print(f"{'R2CP dropped':22s} {result['pixel_share']['dropped']:6.1f}% {result['box_accuracy']['dropped']:8.1f}% "
           f"{result['model_accuracy']['dropped']:10.1f}%")
     print(f"{'all':22s} {100.0:6.1f}% {result['box_accuracy']['all']:8.1f}% {result['model_accuracy']['all']:10.1f}%")
-    o = result["override"]
-    print(f"override rule (model != box, rc_model > rc_box) on kept pixels: {o['pixel_share']:.2f}% of the pixels, "
-          f"model right on {o['model_right']:.1f}%, box on {o['box_right']:.1f}%")
+    if result["override"]:
+        print(f"overrides of R2CP-kept pixels (model != box, rc_model >= {beta} tau^T), by rule:")
+    for rule, o in result["override"].items():
+        print(f"  {rule:18s} {o['pixel_share']:5.2f}% of the pixels, model right on {o['model_right']:5.1f}%, box on "
+              f"{o['box_right']:5.1f}%: {o['net_right_pixels']:+d} right pixels")
     print("the box's confident errors, ground truth -> what the model says:")
     for g, row in sorted(result["confident_errors"].items(), key=lambda kv: -kv[1]["pixels"]):
         says = ", ".join(f"{k} {v:.0f}%" for k, v in row["model_says"].items())

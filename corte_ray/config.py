@@ -104,6 +104,8 @@ class CorteConfig:
     rc_scale: float = 1.0                          # alpha: tau_c = alpha * mean relative confidence of class c (METHODS 1.1)
     teacher_scale: float = 1.0                     # beta for teacher overrides/fills (1.2)
     hard_override_scale: float = 1.5               # beta_h for hard-label boxes (1.2)
+    override_scale: float | None = None            # beta of overrides of kept box labels (None: teacher_scale);
+                                                   # an override also needs rc_T > rc_B
     refine_start: float = 0.25                     # fraction of the schedule before teacher refinement starts
     warmup: float = 0.10                           # fraction of the schedule on y_B only, no mixing
     weak_weight: float = 1.0                       # lambda_w of the weak-view CE
@@ -117,6 +119,8 @@ class CorteConfig:
         _in_range(self.rc_scale, f"{p}.rc_scale", 0.0, 5.0)
         _in_range(self.teacher_scale, f"{p}.teacher_scale", 0.0, 5.0)
         _in_range(self.hard_override_scale, f"{p}.hard_override_scale", 0.0, 10.0)
+        if self.override_scale is not None:
+            _in_range(self.override_scale, f"{p}.override_scale", 0.0, 5.0)
         _in_range(self.refine_start, f"{p}.refine_start", 0.0, 1.0)
         _in_range(self.warmup, f"{p}.warmup", 0.0, 1.0)
         _in_range(self.weak_weight, f"{p}.weak_weight", 0.0, 100.0)

@@ -86,6 +86,21 @@ def test_refine_soft_box_one_pixel_per_rule():
     assert fractions == pytest.approx({"kept_box": 4 / 7, "overridden": 0.0, "filled": 0.0, "ignored": 3 / 7})
 
 
+def test_refine_override_scale_moves_only_the_override_bar():
+    # Same pixels as above at beta = 2, which stops both the override and the fill. beta_override = 1 lets the
+    # override back in (0.5 >= 0.4 and 0.5 > 0.3) and leaves the fill stopped; rc_T > rc_B still holds the third.
+    y_box = row([0, 0, 0, 0, 255, 255, 255], torch.long)
+    rc_box = row([0.6, 0.3, 0.5, 0.1, 0.05, 0.0, 0.0])
+    y_t = row([0, 1, 1, 1, 2, 0, 3], torch.long)
+    rc_t = row([0.9, 0.5, 0.5, 0.35, 0.25, 0.45, 1.0])
+    refined, fractions = refine_labels(y_box, rc_box, y_t, rc_t, TAU, beta=2.0, beta_override=1.0)
+    assert refined.tolist() == [[[0, 1, 0, 0, 255, 255, 255]]]
+    assert fractions["overridden"] == pytest.approx(1 / 7) and fractions["filled"] == 0.0
+    # beta_override = 0: any disagreement the teacher is surer of than the box (0.35 > 0.1 now counts too).
+    refined, _ = refine_labels(y_box, rc_box, y_t, rc_t, TAU, beta=2.0, beta_override=0.0)
+    assert refined.tolist() == [[[0, 1, 0, 1, 255, 255, 255]]]
+
+
 def test_refine_hard_box_uses_beta_hard():
     #          override  rcT<1.5tau  agree  filled (beta, not beta_hard)
     y_box = row([0, 0, 2, 255], torch.long)

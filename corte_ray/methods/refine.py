@@ -81,6 +81,7 @@ def refine_labels(
     beta_hard: float = 1.5,
     ignore_index: int = IGNORE_INDEX,
     box_top1: Tensor | None = None,
+    beta_override: float | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
     """The refined pseudo-label of METHODS.md 1.2, per pixel, and the fraction of pixels per rule.
 
@@ -95,7 +96,8 @@ def refine_labels(
         This also applies to ignored pixels of a hard-label box, and to padding: the caller
         re-masks pixels that are not image (see views.weak_view) after refining.
     With `box_top1` (the box's arg-max before R2CP masked it), a fill also needs the teacher to agree with
-    it: the box's unsure guess confirmed by a confident teacher (`corte.fill=agree`).
+    it: the box's unsure guess confirmed by a confident teacher (`corte.fill=agree`). `beta_override` (default:
+    beta) is the scale of the confidence bar for overrides of labelled pixels with rc_box given.
     Fractions {"kept_box", "overridden", "filled", "ignored"} are over all pixels and sum to 1.
     """
     if not (y_box.shape == y_teacher.shape == rc_teacher.shape):
@@ -114,7 +116,8 @@ def refine_labels(
     if rc_box is None:
         overridden = has_box & disagrees & (rc_t >= beta_hard * tau)
     else:
-        overridden = has_box & disagrees & (rc_t >= beta * tau) & (rc_t > rc_box.detach().to(torch.float64))
+        b_o = beta if beta_override is None else beta_override
+        overridden = has_box & disagrees & (rc_t >= b_o * tau) & (rc_t > rc_box.detach().to(torch.float64))
     filled = ~has_box & (rc_t >= beta * tau)
     if box_top1 is not None:
         filled &= y_teacher == box_top1.to(y_teacher.dtype)

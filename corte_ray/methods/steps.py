@@ -256,6 +256,7 @@ class Corte(Method):
                 y, stats = refine_labels(y_box, m.get("box_rc"), pred_t, rc_t_valid, self.teacher_thresholds.value,
                                          beta=self.cfg.corte.teacher_scale,
                                          beta_hard=self.cfg.corte.hard_override_scale,
+                                         beta_override=self.cfg.corte.override_scale,
                                          box_top1=m["box_top1"] if self.cfg.corte.fill == "agree" else None)
             else:
                 y = y_box
