@@ -108,6 +108,7 @@ class CorteConfig:
                                                    # an override also needs rc_T > rc_B
     refine_start: float = 0.25                     # fraction of the schedule before teacher refinement starts
     warmup: float = 0.10                           # fraction of the schedule on y_B only, no mixing
+    warmup_labels: Literal["r2cp", "raw"] = "r2cp"  # warm-up on the R2CP labels, or on the box's raw top-1 (every pixel)
     weak_weight: float = 1.0                       # lambda_w of the weak-view CE
     strong_rampup: float = 0.0                     # fraction of the schedule over which the strong-view CE's weight
                                                    # ramps up, exp(-5 (1 - t/T)^2) (Mean Teacher's ramp); 0 = none
@@ -126,6 +127,8 @@ class CorteConfig:
         _in_range(self.weak_weight, f"{p}.weak_weight", 0.0, 100.0)
         _in_range(self.strong_rampup, f"{p}.strong_rampup", 0.0, 1.0)
         _check(self.fill in ("confident", "agree"), f"{p}.fill", f"must be confident or agree, got {self.fill!r}")
+        _check(self.warmup_labels in ("r2cp", "raw"), f"{p}.warmup_labels",
+               f"must be r2cp or raw, got {self.warmup_labels!r}")
 
 
 @dataclass

@@ -70,6 +70,8 @@ def test_exponent_without_dot_is_a_number(tmp_path):
     ("augment.blur_sigma=[2.0,1.0]", "augment.blur_sigma: must be"),
     ("augment.jitter_p=1.5", "augment.jitter_p"),
     ("corte.strong_rampup=-0.1", "corte.strong_rampup"),
+    ("corte.override_scale=-1", "corte.override_scale"),
+    ("corte.warmup_labels=all", "corte.warmup_labels"),
 ])
 def test_augment_and_ramp_settings_are_checked_by_name(override, message):
     with pytest.raises(ConfigError, match=message):

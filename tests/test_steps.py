@@ -156,3 +156,14 @@ def test_augment_settings_reach_the_strong_view():
     _, _, step = _setup("corte")
     weak, strong, _ = step.views(_batch(), ("box_top1",))
     assert (strong - weak).abs().mean() > 1e-3
+
+
+def test_raw_warmup_labels_every_box_pixel_then_r2cp():
+    # corte.warmup_labels=raw: during the warm-up the student learns the box's raw top-1 on every pixel the view
+    # holds; after it, R2CP's labels as before. The default (r2cp) keeps R2CP from the first step.
+    _, models, raw = _setup("corte", "corte.warmup_labels=raw", "corte.warmup=0.5", "corte.refine_start=1.0")
+    _, models2, r2cp = _setup("corte", "corte.warmup=0.5", "corte.refine_start=1.0")
+    warm_raw, warm_r2cp = raw.step(models, _batch(), 0, 100), r2cp.step(models2, _batch(), 0, 100)
+    assert warm_raw["labels/kept_box"] > warm_r2cp["labels/kept_box"]
+    late_raw, late_r2cp = raw.step(models, _batch(), 60, 100), r2cp.step(models2, _batch(), 60, 100)
+    assert late_raw["labels/kept_box"] == pytest.approx(late_r2cp["labels/kept_box"])

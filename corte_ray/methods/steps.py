@@ -241,7 +241,8 @@ class Corte(Method):
         if not warm_done:
             # Warm-up: the student first imitates the box's reliable pixels, so the EMA teacher that
             # refines labels later starts from something that already knows the task.
-            y, w = y_box, quality_weights(y_box)
+            y = m["box_top1"] if self.cfg.corte.warmup_labels == "raw" else y_box
+            w = quality_weights(y)
             loss_strong = pixel_weighted_cross_entropy(student(strong), y, w)
             loss_weak = pixel_weighted_cross_entropy(student(weak), y)
             metric_loss = None
