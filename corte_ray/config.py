@@ -208,6 +208,8 @@ class TrainConfig:
     lr: float = 1e-3                               # AdamW, poly decay (power 0.9) after a linear warm-up
     lr_warmup: int = 100                           # linear lr warm-up steps
     weight_decay: float = 0.01
+    class_balance: bool = False                    # supervised CE (oracle, source model) weighted per class by
+                                                   # 1/sqrt(pixel frequency in the batch), mean weight 1
     seed: int = 0
     device: str = "auto"                           # auto | cpu | cuda | cuda:N (local engine)
     amp: bool = True                               # bf16 autocast on CUDA (ignored on CPU)

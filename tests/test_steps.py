@@ -167,3 +167,15 @@ def test_raw_warmup_labels_every_box_pixel_then_r2cp():
     assert warm_raw["labels/kept_box"] > warm_r2cp["labels/kept_box"]
     late_raw, late_r2cp = raw.step(models, _batch(), 60, 100), r2cp.step(models2, _batch(), 60, 100)
     assert late_raw["labels/kept_box"] == pytest.approx(late_r2cp["labels/kept_box"])
+
+
+def test_class_balance_weights_favour_rare_classes_with_mean_weight_one():
+    from corte_ray.methods.steps import class_balance_weights
+
+    labels = torch.tensor([[0] * 90 + [1] * 9 + [2] * 1 + [255] * 4])
+    w = class_balance_weights(labels, 4)
+    assert w[3] == 0 and w[2] > w[1] > w[0] > 0
+    torch.testing.assert_close(w[2] / w[0], torch.tensor(90 ** 0.5))
+    torch.testing.assert_close((w[:3] * torch.tensor([90.0, 9.0, 1.0])).sum() / 100, torch.tensor(1.0))
+    _, models, step = _setup("oracle", "train.class_balance=true")
+    assert torch.isfinite(step.step(models, _batch(), 0, 10)["loss"])

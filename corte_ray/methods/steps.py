@@ -177,6 +177,17 @@ class Method:
         self.teacher_thresholds.load_state_dict(state["teacher_thresholds"])
 
 
+def class_balance_weights(labels: Tensor, num_classes: int) -> Tensor:
+    """Per-class CE weights 1/sqrt(f_c) from the pixel frequencies f_c of the classes present in `labels`, scaled so
+    that the pixel-weighted mean weight is 1 (classes absent from the batch get 0: they have no pixel to weigh)."""
+    valid = labels[labels != IGNORE]
+    counts = torch.bincount(valid, minlength=num_classes)[:num_classes].to(torch.float32)
+    present = counts > 0
+    weight = torch.where(present, counts.clamp(min=1).rsqrt(), torch.zeros_like(counts))
+    mean = (weight * counts).sum() / counts.sum().clamp(min=1)
+    return weight / mean.clamp(min=1e-12)
+
+
 def strong_ramp(iteration: int, total: int, rampup: float) -> float:
     """Weight of the strong-view loss: Mean Teacher's sigmoid ramp exp(-5 (1 - t/T)^2) over the first `rampup`
     of the schedule, then 1; 1 throughout when rampup is 0."""
@@ -213,7 +224,8 @@ class Oracle(Method):
         # Photometric augmentation on half the batch keeps the model from over-fitting one look.
         half = weak.shape[0] // 2
         image = torch.cat([weak[:half], strong[half:]]) if half else weak
-        loss = F.cross_entropy(models.student(image), m["label"], ignore_index=IGNORE)
+        weight = class_balance_weights(m["label"], self.num_classes) if self.cfg.train.class_balance else None
+        loss = F.cross_entropy(models.student(image), m["label"], weight=weight, ignore_index=IGNORE)
         return {"loss": loss, "loss_seg": loss.detach(), "label_coverage": _label_fractions(m["label"])}
 
 
