@@ -126,7 +126,7 @@ def test_stvm_mocm_reads_the_reliability_the_loss_uses(norm, monkeypatch):
     # Normalised reliability has mean 1 within every class present; the raw one (a softmax probability) does not.
     means = [rel_used[labels == c].mean().item() for c in labels[valid].unique()]
     if norm == "class":
-        assert torch.allclose(normalised[valid], rel_used[valid], atol=1e-5) and all(abs(m - 1) < 1e-4 for m in means)
+        assert torch.allclose(normalised[valid], rel_used[valid], rtol=1e-3, atol=1e-4) and all(abs(m - 1) < 1e-3 for m in means)
     else:
         assert (rel_used[valid] <= 1).all() and not all(abs(m - 1) < 1e-4 for m in means)
 
