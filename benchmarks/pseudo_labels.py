@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import torch
 
 
 def main() -> None:
@@ -31,11 +32,11 @@ def main() -> None:
     from corte_ray.blackbox.store import LabelStore
     from corte_ray.data.datasets import open_dataset
     from corte_ray.evaluation import confusion_matrix, result_from_confusion
+    from corte_ray.methods.pseudo_labels import thresholds_from_means
 
     ds = open_dataset(args.dataset, args.root, split=args.split)
     store = LabelStore(args.store)
-    means = store.class_mean_rc()
-    tau = np.where(np.isnan(means), 1.0, args.rc_scale * means)
+    tau = thresholds_from_means(torch.from_numpy(store.class_mean_rc()), args.rc_scale).numpy()
     c = store.num_classes
     conf = {"raw": np.zeros((c, c), np.int64), "r2cp": np.zeros((c, c), np.int64)}
     valid_total = kept_total = 0

@@ -41,6 +41,7 @@ def main() -> None:
 
     from corte_ray.blackbox.store import LabelStore
     from corte_ray.data.datasets import open_dataset
+    from corte_ray.methods.pseudo_labels import relative_confidence, thresholds_from_means
     from corte_ray.models.student import build_student
 
     torch.set_num_threads(args.threads)
@@ -56,8 +57,7 @@ def main() -> None:
     model.load_state_dict({k.removeprefix("module."): v for k, v in state[args.model].items()})
     model.eval()
     ds = open_dataset(args.dataset, args.root, split=args.split)
-    means = store.class_mean_rc()
-    tau = np.where(np.isnan(means), 1.0, args.rc_scale * means)
+    tau = thresholds_from_means(torch.from_numpy(store.class_mean_rc()), args.rc_scale).numpy()
 
     counts = {k: [0, 0] for k in ("kept_right", "kept_wrong", "dropped", "all")}
     box_right = {k: [0, 0] for k in ("kept", "dropped", "all")}
@@ -77,10 +77,8 @@ def main() -> None:
             sys.exit(f"error: {args.store} holds hard labels: no relative confidence to split by")
         x = torch.from_numpy(ds.read_image(sample)).permute(2, 0, 1)[None].float() / 255
         with torch.no_grad():
-            prob = model(x).float().softmax(1)[0]
-        top2 = prob.topk(2, 0).values
-        rc_m = (top2[0] - top2[1]).numpy()
-        pred = prob.argmax(0).numpy()
+            rc_m, pred = relative_confidence(model(x).float().softmax(1))
+        rc_m, pred = rc_m[0].numpy(), pred[0].numpy()
         top1 = box.top1.astype(np.int64)
         valid = gt != 255
         kept = valid & (box.rc >= tau[top1])

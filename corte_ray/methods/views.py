@@ -188,7 +188,6 @@ def strong_view(
     def factor(column: int, strength: float) -> Tensor:
         return (1.0 - strength + 2.0 * strength * u[:, column]).view(batch, 1, 1, 1)
 
-    original = images
     x = (images * factor(0, brightness)).clamp(0, 1)
     gray_mean = _grayscale(x).mean(dim=(1, 2, 3), keepdim=True)
     x = (gray_mean + factor(1, contrast) * (x - gray_mean)).clamp(0, 1)
@@ -202,7 +201,7 @@ def strong_view(
 
     if jitter_p < 1.0:
         keep = _uniform((batch,), generator, images.device).to(images.dtype) >= jitter_p
-        x = torch.where(keep.view(batch, 1, 1, 1), original, x)
+        x = torch.where(keep.view(batch, 1, 1, 1), images, x)
     if blur_p > 0:
         sigmas = blur_sigma[0] + u[:, 4] * (blur_sigma[1] - blur_sigma[0])
         blurred = _gaussian_blur(x, sigmas, max(blur_sigma))
