@@ -56,6 +56,10 @@ def main() -> None:
     p.add_argument("--work", type=Path, default=None, help="run directories (default: /tmp/corte-quality-SCENARIO)")
     p.add_argument("--out", type=Path, default=None,
                    help="results JSON (default: benchmarks/results/quality.json, quality_cross_city.json)")
+    p.add_argument("--source-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a config override for the source model (the black box) only, repeatable, e.g. "
+                        "train.class_balance=true; a work folder keeps the box it was made with, so give such a "
+                        "study its own --work")
     args = p.parse_args()
 
     import torch
@@ -85,6 +89,22 @@ def main() -> None:
     out = args.out or ROOT / "benchmarks" / "results" / ("quality_cross_city.json" if cc else "quality.json")
     lanes = args.lanes or os.cpu_count() or 1
     command = "python benchmarks/quality.py " + " ".join(sys.argv[1:])
+    bad = [v for v in args.source_set if "=" not in v]
+    if bad:
+        sys.exit(f"--source-set: expected KEY=VALUE, got {bad}")
+    # The boxes in a work folder are reused on resume: refuse to mix boxes trained with other source settings.
+    marker = work / "source_set.json"
+    if marker.exists():
+        made_with = json.loads(marker.read_text())
+        if made_with != args.source_set:
+            sys.exit(f"{work}: its source models were trained with --source-set {made_with or '(none)'}, "
+                     f"not {args.source_set or '(none)'}; pass another --work")
+    elif any(work.glob("seed*/source")):
+        if args.source_set:
+            sys.exit(f"{work}: holds source models trained without --source-set; pass another --work")
+    else:
+        work.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(marker, args.source_set)
     t_start = time.perf_counter()
 
     pool = RowPool(lanes, engine=args.engine, progress_every_s=30.0)
@@ -117,7 +137,8 @@ def main() -> None:
         doc = {"rows": rows, "scenario": args.scenario, "command": command,
                "settings": {"size": list(size), "crop": list(crop), **iters, "batch": s["batch"], "device": args.device,
                             "source_arch": SOURCE_ARCH, "n_source": s["n_source"], "n_target": s["n_target"],
-                            "n_val": s["n_val"], "lanes": lanes, "engine": args.engine},
+                            "n_val": s["n_val"], "lanes": lanes, "engine": args.engine,
+                            "source_set": args.source_set},
                "seconds": round(time.perf_counter() - t_start, 1)}
         write_json_atomic(out, doc)
         write_text_atomic(out.with_suffix(".md"), markdown(doc))
@@ -133,7 +154,7 @@ def main() -> None:
             benches[seed] = bench
             pool.submit(Row(f"source/{seed}", str(work / f"seed{seed}" / "source"),
                             export_to=str(work / f"seed{seed}" / "blackbox.pt"),
-                            overrides=source_overrides(common(seed, bench), iters["source_iters"])))
+                            overrides=source_overrides(common(seed, bench), iters["source_iters"]) + args.source_set))
         for seed in seeds:
             if "oracle" in names:
                 pool.submit(Row(f"oracle/{seed}", str(work / f"seed{seed}" / "runs" / "oracle"),
@@ -180,7 +201,8 @@ def markdown(doc: dict) -> str:
     lines = [f"# Quality study ({doc['scenario']})", "",
              f"Images {st['size'][0]}x{st['size'][1]}, {st['crop'][0]}x{st['crop'][1]} crops, batch {st['batch']}, "
              f"source model {st['source_arch']} ({st['source_iters']} steps), every student "
-             f"{st['adapt_iters']} steps, the same schedule for every row; target-val mIoU, mean ± std over seeds.",
+             f"{st['adapt_iters']} steps, the same schedule for every row; target-val mIoU, mean ± std over seeds."
+             + (f" Source model trained with {', '.join(st['source_set'])}." if st.get("source_set") else ""),
              "", "| row | mIoU | ± std | seeds | vs box | gap closed |", "|---|---:|---:|---|---:|---:|"]
     for name, r in rows.items():
         gap = "" if box is None or oracle is None or oracle == box else f"{100 * (r['mean'] - box) / (oracle - box):.0f} %"
