@@ -109,6 +109,8 @@ class CorteConfig:
     refine_start: float = 0.25                     # fraction of the schedule before teacher refinement starts
     warmup: float = 0.10                           # fraction of the schedule on y_B only, no mixing
     warmup_labels: Literal["r2cp", "raw"] = "r2cp"  # warm-up on the R2CP labels, or on the box's raw top-1 (every pixel)
+    mix_mask: Literal["label", "box"] = "label"    # ClassMix's classes drawn from the training label (ignored
+                                                   # pixels never pasted) or from the box's dense top-1 (whole regions)
     weak_weight: float = 1.0                       # lambda_w of the weak-view CE
     strong_rampup: float = 0.0                     # fraction of the schedule over which the strong-view CE's weight
                                                    # ramps up, exp(-5 (1 - t/T)^2) (Mean Teacher's ramp); 0 = none
@@ -129,6 +131,7 @@ class CorteConfig:
         _check(self.fill in ("confident", "agree"), f"{p}.fill", f"must be confident or agree, got {self.fill!r}")
         _check(self.warmup_labels in ("r2cp", "raw"), f"{p}.warmup_labels",
                f"must be r2cp or raw, got {self.warmup_labels!r}")
+        _check(self.mix_mask in ("label", "box"), f"{p}.mix_mask", f"must be label or box, got {self.mix_mask!r}")
 
 
 @dataclass

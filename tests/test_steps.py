@@ -181,3 +181,21 @@ def test_class_balance_weights_favour_rare_classes_with_mean_weight_one():
     torch.testing.assert_close((w[:3] * torch.tensor([90.0, 9.0, 1.0])).sum() / 100, torch.tensor(1.0))
     _, models, step = _setup("oracle", "train.class_balance=true")
     assert torch.isfinite(step.step(models, _batch(), 0, 10)["loss"])
+
+
+@pytest.mark.parametrize("mix_mask", ["label", "box"])
+def test_classmix_draws_its_classes_from_the_chosen_map(mix_mask):
+    # corte.mix_mask=label: the classes come from the training label (R2CP drops pixels: the map has holes);
+    # corte.mix_mask=box: from the box's dense top-1, so the pasted regions are whole (no hole inside the view).
+    _, models, step = _setup("corte", f"corte.mix_mask={mix_mask}", "corte.refine_start=1.0")
+    seen = []
+    original = step.mixing_masks
+    step.mixing_masks = lambda labels, weights: seen.append(labels.clone()) or original(labels, weights)
+    out = step.step(models, _batch(), 50, 100)
+    assert torch.isfinite(out["loss"]) and len(seen) == 1
+    ignored = float((seen[0] == 255).float().mean())
+    assert out["labels/ignored"] > 0.05
+    if mix_mask == "box":
+        assert ignored < 0.5 * out["labels/ignored"]
+    else:
+        assert ignored == pytest.approx(out["labels/ignored"], abs=1e-6)

@@ -277,7 +277,10 @@ class Corte(Method):
                          "ignored": 1 - _label_fractions(y)}
             w, metric_loss = self.reliability_weights(models, feats, y, stats)
             if self.cfg.corte.mix:
-                mixed_img, mixed_y, mixed_w = classmix_batch(strong, y, w, self.mixing_masks(y, w))
+                # The classes to paste come from the label the student trains on, or from the box's dense top-1
+                # (`corte.mix_mask=box`): whole regions, their ignored pixels pasted as ignored.
+                drawn_from = m["box_top1"] if self.cfg.corte.mix_mask == "box" else y
+                mixed_img, mixed_y, mixed_w = classmix_batch(strong, y, w, self.mixing_masks(drawn_from, w))
             else:   # the ablation: the strong view alone
                 mixed_img, mixed_y, mixed_w = strong, y, w
             loss_strong = self.weighted_ce(student(mixed_img), mixed_y, mixed_w)
