@@ -99,6 +99,7 @@ def run_demo(out: str | Path, quick: bool = False, seed: int = 0, device: str = 
     from .config import load_config
     from .data.datasets import open_dataset
     from .data.synth import render_benchmark
+    from .export import load_model_file
     from .models import count_parameters
     from .pipeline import label, load_checkpoint_model
     from .report import gap_closed, results_markdown
@@ -176,7 +177,7 @@ def run_demo(out: str | Path, quick: bool = False, seed: int = 0, device: str = 
     _stage("5/5 results")
     torch.set_num_threads(os.cpu_count() or 1)
     val = open_dataset("synth", bench, split="val")
-    box_model = torch.jit.load(str(box_file), map_location="cpu")
+    box_model = load_model_file(box_file, "cpu").module  # no torch.jit deprecation warning in the report
     # Throughput is a property of the architecture, not of the weights: measured once per architecture.
     speed: dict[str, float] = {SOURCE_ARCH: round(_cpu_images_per_s(box_model, size), 1)}
     rows: dict[str, dict] = {"blackbox": {

@@ -157,6 +157,13 @@ class ModelFile:
             self.meta = _parse_meta(raw, self.path)
         self.num_classes = int(self.meta["num_classes"])
 
+    @property
+    def module(self) -> torch.jit.ScriptModule:
+        """The loaded TorchScript module (its parameters, or to call it on another device's tensors)."""
+        if self.format != "torchscript":
+            raise CorteError(f"{self.path}: an {self.format} model file has no TorchScript module")
+        return self._module
+
     def __call__(self, images: Tensor) -> Tensor:
         if self.format == "torchscript":
             return self._module(images)

@@ -204,3 +204,15 @@ def test_torchscript_without_metadata_is_refused(model, tmp_path):
         read_model_meta(path)
     with pytest.raises(InputError, match="plain.pt.*corte_meta"):
         load_model_file(path)
+
+
+def test_torchscript_module_loads_without_a_deprecation_warning(model, tmp_path):
+    # The demo's report takes the box's parameters from ModelFile.module: a user sees no torch.jit FutureWarning.
+    import warnings
+
+    path = export_model(model, tmp_path / "m.pt", example_size=(32, 48))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        module = load_model_file(path).module
+    assert not [w for w in caught if issubclass(w.category, FutureWarning)]
+    assert sum(p.numel() for p in module.parameters()) == sum(p.numel() for p in model.parameters())
