@@ -16,7 +16,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import torch
 
 
 def main() -> None:
@@ -28,6 +27,8 @@ def main() -> None:
     p.add_argument("--rc-scale", type=float, default=1.0, help="alpha of tau_c = alpha * mean rc")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "pseudo_labels.json")
     args = p.parse_args()
+
+    import torch
 
     from corte_ray.blackbox.store import LabelStore
     from corte_ray.data.datasets import open_dataset
