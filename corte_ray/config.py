@@ -117,6 +117,9 @@ class CorteConfig:
     mix: bool = True                               # ClassMix the strong view (false: the ablation without mixing)
     fill: Literal["confident", "agree"] = "confident"  # teacher fills of R2CP-ignored pixels: where it is
                                                    # confident, or where it is confident and agrees with the box's top-1
+    agree_power: float = 0.0                       # k: after warm-up each labelled pixel's CE weight is multiplied by
+                                                   # p_T(y)^k, the teacher's probability of the training label (0 = off)
+    agree_norm: Literal["class", "pixel"] = "class"  # those weights divided by their class mean in the batch, or raw
 
     def validate(self, p: str = "corte") -> None:
         _in_range(self.rc_scale, f"{p}.rc_scale", 0.0, 5.0)
@@ -128,6 +131,8 @@ class CorteConfig:
         _in_range(self.warmup, f"{p}.warmup", 0.0, 1.0)
         _in_range(self.weak_weight, f"{p}.weak_weight", 0.0, 100.0)
         _in_range(self.strong_rampup, f"{p}.strong_rampup", 0.0, 1.0)
+        _in_range(self.agree_power, f"{p}.agree_power", 0.0, 10.0)
+        _check(self.agree_norm in ("class", "pixel"), f"{p}.agree_norm", f"must be class or pixel, got {self.agree_norm!r}")
         _check(self.fill in ("confident", "agree"), f"{p}.fill", f"must be confident or agree, got {self.fill!r}")
         _check(self.warmup_labels in ("r2cp", "raw"), f"{p}.warmup_labels",
                f"must be r2cp or raw, got {self.warmup_labels!r}")

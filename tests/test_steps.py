@@ -200,3 +200,37 @@ def test_classmix_draws_its_classes_from_the_chosen_map(mix_mask):
         assert ignored < 0.5 * out["labels/ignored"]
     else:
         assert ignored == pytest.approx(out["labels/ignored"], abs=1e-6)
+
+
+def test_agreement_weights_are_the_teachers_probability_of_the_label_and_lower_the_loss():
+    from corte_ray.methods.steps import agreement_weights
+
+    probs = torch.tensor([[0.7, 0.2, 0.1], [0.1, 0.1, 0.8]]).T.reshape(1, 3, 1, 2)  # 2 pixels, 3 classes
+    labels = torch.tensor([[[1, 255]]])
+    w = agreement_weights(probs, labels, 2.0)  # per pixel
+    torch.testing.assert_close(w, torch.tensor([[[0.2 ** 2, 1.0]]]))
+    # In a step after the warm-up the weights (all <= 1) scale the weak-view CE down; off (k = 0), the step is
+    # the plain one. Same models and batch for both: the first step of each starts from identical weights.
+    losses = {}
+    for k in (0.0, 1.0):
+        _, models, step = _setup("corte", f"corte.agree_power={k}", "corte.agree_norm=pixel", "corte.warmup=0.1", "corte.refine_start=1.0")
+        losses[k] = step.step(models, _batch(), 50, 100)["loss_weak"]
+    assert losses[1.0] < losses[0.0]
+
+
+def test_class_normalised_agreement_weights_keep_each_class_weight():
+    from corte_ray.methods.steps import agreement_weights
+
+    g = torch.Generator().manual_seed(0)
+    probs = torch.rand(2, 4, 5, 6, generator=g).softmax(1)
+    labels = torch.randint(0, 4, (2, 5, 6), generator=g)
+    labels[0, 0] = 255
+    w = agreement_weights(probs, labels, 1.0, num_classes=4)
+    for c in labels.unique().tolist():
+        if c != 255:
+            assert float(w[labels == c].mean()) == pytest.approx(1.0, abs=1e-5)
+    assert bool((w[labels == 255] == 0).all())
+    # Within a class the order is the teacher's: a pixel it believes more weighs more.
+    raw = agreement_weights(probs, labels, 1.0)
+    m = labels == int(labels[1, 0, 0])
+    assert torch.equal(w[m].argsort(), raw[m].argsort())

@@ -177,6 +177,21 @@ class Method:
         self.teacher_thresholds.load_state_dict(state["teacher_thresholds"])
 
 
+def agreement_weights(probs: Tensor, labels: Tensor, power: float, num_classes: int | None = None) -> Tensor:
+    """p_T(y)^k per pixel: the teacher's soft-max probability of the training label, to the power k. Labels the
+    teacher does not believe weigh less (`corte.agree_power`). With `num_classes` (`corte.agree_norm=class`) the
+    weights are divided by their mean over the pixels of the same label class in the batch, as stvm's reliability
+    is: every class keeps its weight, the teacher only ranks pixels within a class. Ignored pixels: 1 (per pixel)
+    or 0 (per class); no loss reads them."""
+    safe = torch.where(labels == IGNORE, torch.zeros_like(labels), labels).long()
+    p = probs.gather(1, safe[:, None])[:, 0].clamp(min=0.0) ** power
+    if num_classes is not None:
+        from ..models.metric import class_normalised_reliability
+
+        return class_normalised_reliability(p, labels, num_classes).detach()
+    return torch.where(labels == IGNORE, torch.ones_like(p), p).detach()
+
+
 def class_balance_weights(labels: Tensor, num_classes: int) -> Tensor:
     """Per-class CE weights 1/sqrt(f_c) from the pixel frequencies f_c of the classes present in `labels`, scaled so
     that the pixel-weighted mean weight is 1 (classes absent from the batch get 0: they have no pixel to weigh)."""
@@ -261,7 +276,7 @@ class Corte(Method):
             stats = {"kept_box": _label_fractions(y), "overridden": 0.0, "filled": 0.0,
                      "ignored": 1 - _label_fractions(y)}
         else:
-            _, rc_t, pred_t, feats = self.teacher_predict(models, weak, features=self.uses_metric)
+            probs_t, rc_t, pred_t, feats = self.teacher_predict(models, weak, features=self.uses_metric)
             self.update_teacher_thresholds(rc_t, pred_t, m["valid"])
             if refine_on:
                 # Padding gets teacher confidence -1: it can pass no threshold, so it is never filled.
@@ -276,6 +291,11 @@ class Corte(Method):
                 stats = {"kept_box": _label_fractions(y), "overridden": 0.0, "filled": 0.0,
                          "ignored": 1 - _label_fractions(y)}
             w, metric_loss = self.reliability_weights(models, feats, y, stats)
+            w_weak = None
+            if self.cfg.corte.agree_power > 0:
+                w_weak = agreement_weights(probs_t, y, self.cfg.corte.agree_power,
+                                           self.num_classes if self.cfg.corte.agree_norm == "class" else None)
+                w = w * w_weak
             if self.cfg.corte.mix:
                 # The classes to paste come from the label the student trains on, or from the box's dense top-1
                 # (`corte.mix_mask=box`): whole regions, their ignored pixels pasted as ignored.
@@ -284,7 +304,7 @@ class Corte(Method):
             else:   # the ablation: the strong view alone
                 mixed_img, mixed_y, mixed_w = strong, y, w
             loss_strong = self.weighted_ce(student(mixed_img), mixed_y, mixed_w)
-            loss_weak = pixel_weighted_cross_entropy(student(weak), y)
+            loss_weak = pixel_weighted_cross_entropy(student(weak), y, w_weak)
         ramp = strong_ramp(iteration, total, self.cfg.corte.strong_rampup)
         loss = ramp * loss_strong + self.cfg.corte.weak_weight * loss_weak
         if self.cfg.corte.strong_rampup > 0:
