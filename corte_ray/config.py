@@ -132,7 +132,8 @@ class CorteConfig:
         _in_range(self.weak_weight, f"{p}.weak_weight", 0.0, 100.0)
         _in_range(self.strong_rampup, f"{p}.strong_rampup", 0.0, 1.0)
         _in_range(self.agree_power, f"{p}.agree_power", 0.0, 10.0)
-        _check(self.agree_norm in ("class", "pixel"), f"{p}.agree_norm", f"must be class or pixel, got {self.agree_norm!r}")
+        _check(self.agree_norm in ("class", "pixel"), f"{p}.agree_norm",
+               f"must be class or pixel, got {self.agree_norm!r}")
         _check(self.fill in ("confident", "agree"), f"{p}.fill", f"must be confident or agree, got {self.fill!r}")
         _check(self.warmup_labels in ("r2cp", "raw"), f"{p}.warmup_labels",
                f"must be r2cp or raw, got {self.warmup_labels!r}")

@@ -74,6 +74,7 @@ def test_exponent_without_dot_is_a_number(tmp_path):
     ("corte.warmup_labels=all", "corte.warmup_labels"),
     ("corte.mix_mask=teacher", "corte.mix_mask"),
     ("corte.agree_power=-1", "corte.agree_power"),
+    ("corte.agree_norm=batch", "corte.agree_norm"),
 ])
 def test_augment_and_ramp_settings_are_checked_by_name(override, message):
     with pytest.raises(ConfigError, match=message):

@@ -213,7 +213,8 @@ def test_agreement_weights_are_the_teachers_probability_of_the_label_and_lower_t
     # the plain one. Same models and batch for both: the first step of each starts from identical weights.
     losses = {}
     for k in (0.0, 1.0):
-        _, models, step = _setup("corte", f"corte.agree_power={k}", "corte.agree_norm=pixel", "corte.warmup=0.1", "corte.refine_start=1.0")
+        _, models, step = _setup("corte", f"corte.agree_power={k}", "corte.agree_norm=pixel", "corte.warmup=0.1",
+                                 "corte.refine_start=1.0")
         losses[k] = step.step(models, _batch(), 50, 100)["loss_weak"]
     assert losses[1.0] < losses[0.0]
 

@@ -183,11 +183,10 @@ def agreement_weights(probs: Tensor, labels: Tensor, power: float, num_classes: 
     weights are divided by their mean over the pixels of the same label class in the batch, as stvm's reliability
     is: every class keeps its weight, the teacher only ranks pixels within a class. Ignored pixels: 1 (per pixel)
     or 0 (per class); no loss reads them."""
-    safe = torch.where(labels == IGNORE, torch.zeros_like(labels), labels).long()
-    p = probs.gather(1, safe[:, None])[:, 0].clamp(min=0.0) ** power
-    if num_classes is not None:
-        from ..models.metric import class_normalised_reliability
+    from ..models.metric import class_normalised_reliability, label_probability
 
+    p = label_probability(probs, labels) ** power
+    if num_classes is not None:
         return class_normalised_reliability(p, labels, num_classes).detach()
     return torch.where(labels == IGNORE, torch.ones_like(p), p).detach()
 

@@ -126,12 +126,19 @@ def pixel_reliability(
     cosine = torch.einsum("bdhw,cd->bchw", F.normalize(embeddings, dim=1), F.normalize(proxies, dim=1))
     probabilities = torch.softmax(scale * cosine, dim=1)
     probabilities = F.interpolate(probabilities, size=labels.shape[-2:], mode="bilinear", align_corners=False)
-    valid = (labels >= 0) & (labels < num_classes)
-    safe_labels = torch.where(valid, labels, torch.zeros_like(labels)).long()
-    reliability = probabilities.gather(1, safe_labels.unsqueeze(1)).squeeze(1).clamp(0.0, 1.0)
+    reliability = label_probability(probabilities, labels)
     if gamma != 1.0:
         reliability = reliability**gamma
-    return torch.where(valid, reliability, torch.zeros_like(reliability))
+    return reliability
+
+
+def label_probability(probabilities: Tensor, labels: Tensor) -> Tensor:
+    """probabilities (B, C, H, W) at each pixel's label (B, H, W), clamped to [0, 1]; 0 where the label is ignored
+    (outside [0, C)). Shared by STvM's reliability and CoRTe's teacher-belief weights."""
+    valid = (labels >= 0) & (labels < probabilities.shape[1])
+    safe_labels = torch.where(valid, labels, torch.zeros_like(labels)).long()
+    picked = probabilities.gather(1, safe_labels.unsqueeze(1)).squeeze(1).clamp(0.0, 1.0)
+    return torch.where(valid, picked, torch.zeros_like(picked))
 
 
 def class_normalised_reliability(reliability: Tensor, labels: Tensor, num_classes: int) -> Tensor:
