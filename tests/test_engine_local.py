@@ -207,3 +207,59 @@ def test_teacher_errors_benchmark_reads_a_runs_checkpoint(tiny_bench, box_and_st
                               "--checkpoint", "step_9", "--root", str(tiny_bench), "--store", str(store)],
                              capture_output=True, text=True, timeout=300)
     assert missing.returncode != 0 and "no checkpoint at" in missing.stderr
+
+
+def test_label_rules_benchmark_matches_the_store_it_reads(tiny_bench, tmp_path):
+    # benchmarks/label_rules.py, as a user runs it: its R2CP and raw rows equal the kept share and accuracy counted
+    # here directly from the label store and the ground truth, and a stricter rule keeps fewer pixels.
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    from corte_ray.blackbox.store import LabelStore
+    from corte_ray.data.datasets import open_dataset
+
+    # A random model's probabilities are near uniform (rc quantises to 0, every rule keeps every pixel): scale its
+    # logits so that its rc spreads and the rules differ.
+    class Sharp(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            return 40.0 * self.inner(x)
+
+    torch.manual_seed(1)
+    box = tmp_path / "sharp.pt"
+    export_model(Sharp(build_source_model("deeplabv3_resnet18", num_classes=19).eval()), box, example_size=(64, 96),
+                 meta={"arch": "deeplabv3_resnet18"})
+    store_dir = tmp_path / "labels"
+    assert main(["-q", "label", "--engine", "local", "--dataset", "synth", "--root", str(tiny_bench), "--blackbox",
+                 f"file:{box}", "--out", str(store_dir), "--device", "cpu"]) == 0
+    out = tmp_path / "lr.json"
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.run([sys.executable, str(root / "benchmarks" / "label_rules.py"), "--root", str(tiny_bench),
+                           "--store", str(store_dir), "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "command: python benchmarks/label_rules.py" in proc.stdout
+    r = json.loads(out.read_text())["rules"]
+    store = LabelStore(store_dir)
+    means = store.class_mean_rc()
+    tau = np.where(np.isnan(means), 1.0, means)
+    ds = open_dataset("synth", tiny_bench, split="train")
+    valid = kept = kept_right = raw_right = 0
+    for sample in ds.samples:
+        gt = ds.read_label(sample).astype(np.int64)
+        box = store.get(sample.key)
+        v = gt != 255
+        k = v & (box.rc >= tau[box.top1.astype(np.int64)])
+        valid += int(v.sum())
+        kept += int(k.sum())
+        kept_right += int((k & (box.top1 == gt)).sum())
+        raw_right += int((v & (box.top1 == gt)).sum())
+    r2cp, raw = r["R2CP, rc >= tau_c (corte)"], r["raw top-1 (distill)"]
+    assert abs(r2cp["kept_share"] - 100.0 * kept / valid) < 1e-9
+    assert abs(r2cp["accuracy"] - 100.0 * kept_right / kept) < 1e-9
+    assert raw["kept_share"] == 100.0 and abs(raw["accuracy"] - 100.0 * raw_right / valid) < 1e-9
+    assert 0 < r2cp["kept_share"] < 100 and r["rc >= 1.25 tau_c"]["kept_share"] < r2cp["kept_share"]
