@@ -356,7 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("demo_out"), help="output directory")
     p.add_argument("--quick", action="store_true",
                    help="a smaller benchmark, shorter schedules and the rows blackbox, distill, corte, oracle "
-                        "(about 3 min on 2 CPU cores, against about 10 for the full demo)")
+                        "(3-4.5 min on 2 CPU cores, against 10-15 min for the full demo; README, 'How long it takes')")
     p.add_argument("--seed", type=int, default=0, help="random seed for the benchmark and training")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--threads", type=int, default=0,
