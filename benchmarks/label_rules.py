@@ -14,7 +14,6 @@ Writes benchmarks/results/label_rules.json (or --out).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -47,6 +46,7 @@ def main() -> None:
 
     from corte_ray.blackbox.store import LabelStore
     from corte_ray.data.datasets import open_dataset
+    from corte_ray.io_utils import write_json_atomic
 
     store = LabelStore(args.store)
     c = store.num_classes
@@ -100,11 +100,7 @@ def main() -> None:
                          for i in shown)
         print(f"{name:32s} {r['kept_share']:5.1f}% {r['accuracy']:5.1f}%  {cells}")
     print(f"command: {result['command']}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    tmp.replace(args.out)
-    print(f"wrote {args.out}")
+    print(f"wrote {write_json_atomic(args.out, result)}")
 
 
 if __name__ == "__main__":

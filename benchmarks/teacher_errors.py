@@ -16,7 +16,6 @@ Writes benchmarks/results/teacher_errors.json (or --out).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -41,6 +40,7 @@ def main() -> None:
 
     from corte_ray.blackbox.store import LabelStore
     from corte_ray.data.datasets import open_dataset
+    from corte_ray.io_utils import write_json_atomic
     from corte_ray.methods.pseudo_labels import relative_confidence, thresholds_from_means
     from corte_ray.models.student import build_student
 
@@ -139,11 +139,7 @@ def main() -> None:
         says = ", ".join(f"{k} {v:.0f}%" for k, v in row["model_says"].items())
         print(f"  {g:14s} {row['pixels']:8d} px: {says}")
     print(f"command: {result['command']}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    tmp.replace(args.out)
-    print(f"wrote {args.out}")
+    print(f"wrote {write_json_atomic(args.out, result)}")
 
 
 if __name__ == "__main__":
