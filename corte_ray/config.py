@@ -102,6 +102,8 @@ class BlackBoxConfig:
 @dataclass
 class CorteConfig:
     rc_scale: float = 1.0                          # alpha: tau_c = alpha * mean relative confidence of class c (METHODS 1.1)
+    rc_floor: float = 0.0                          # tau_c = max(alpha * mean rc_c, rc_floor) for every class the box
+                                                   # predicts: an absolute bar under the relative one (0 = none)
     teacher_scale: float = 1.0                     # beta for teacher overrides/fills (1.2)
     hard_override_scale: float = 1.5               # beta_h for hard-label boxes (1.2)
     override_scale: float | None = None            # beta of overrides of kept box labels (None: teacher_scale);
@@ -123,6 +125,7 @@ class CorteConfig:
 
     def validate(self, p: str = "corte") -> None:
         _in_range(self.rc_scale, f"{p}.rc_scale", 0.0, 5.0)
+        _in_range(self.rc_floor, f"{p}.rc_floor", 0.0, 1.0)
         _in_range(self.teacher_scale, f"{p}.teacher_scale", 0.0, 5.0)
         _in_range(self.hard_override_scale, f"{p}.hard_override_scale", 0.0, 10.0)
         if self.override_scale is not None:

@@ -26,6 +26,7 @@ def test_yaml_and_overrides(tmp_path):
     ("corte.rc_scal=1", "corte.rc_scal: unknown config key (did you mean corte.rc_scale?)"),
     ("nosuch.key=1", "nosuch: unknown config key"),
     ("ema.momentum=1.0", "ema.momentum: must be in [0.0, 1.0)"),
+    ("corte.rc_floor=1.5", "corte.rc_floor: must be in [0.0, 1.0], got 1.5"),
     ("train.iterations=abc", "train.iterations: must be an integer"),
     ("method=magic", "method: unknown method 'magic'"),
     ("blackbox.answer=soft", "blackbox.answer: must be one of"),

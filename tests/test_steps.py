@@ -65,6 +65,14 @@ def test_box_thresholds_scale_with_rc_scale_and_unseen_class_is_one():
     assert torch.allclose(step.box_thresholds[0], torch.tensor(0.1)) and step.box_thresholds[5] == 1.0
 
 
+def test_box_thresholds_rc_floor_raises_low_class_bars_only():
+    # means 0.2 at alpha 0.5 give 0.1; a floor of 0.3 lifts them, the unseen class stays at 1.
+    _, _, step = _setup("corte", "corte.rc_scale=0.5", "corte.rc_floor=0.3")
+    assert torch.allclose(step.box_thresholds[0], torch.tensor(0.3)) and step.box_thresholds[5] == 1.0
+    _, _, low = _setup("corte", "corte.rc_floor=0.05")                 # under every class bar: no change
+    assert torch.allclose(low.box_thresholds[0], torch.tensor(0.2))
+
+
 def test_corte_phases_warmup_then_refinement():
     cfg, models, step = _setup("corte", "corte.warmup=0.1", "corte.refine_start=0.5")
     warm = step.step(models, _batch(), 0, 100)
