@@ -125,9 +125,10 @@ def thresholds_from_stats(sums, counts, alpha: float = 1.0):
         return np.where(counts > 0, alpha * sums / np.maximum(counts, 1), 1.0)
 
 
-def thresholds_from_means(means: Tensor, alpha: float = 1.0) -> Tensor:
-    """The same rule from per-class means (nan = never predicted), as the label store gives them."""
-    return torch.where(torch.isnan(means), torch.ones_like(means), alpha * means)
+def thresholds_from_means(means: Tensor, alpha: float = 1.0, floor: float = 0.0) -> Tensor:
+    """The same rule from per-class means (nan = never predicted), as the label store gives them; `floor`
+    (corte.rc_floor) is an absolute bar under the relative ones, tau_c = max(alpha * mean_c, floor)."""
+    return torch.where(torch.isnan(means), torch.ones_like(means), (alpha * means).clamp(min=floor))
 
 
 def class_thresholds(rc: Tensor, top1: Tensor, num_classes: int, alpha: float = 1.0) -> Tensor:

@@ -71,7 +71,7 @@ class Method:
         # a class the box never predicted keeps tau = 1 (nothing kept). Means come from the label store.
         if box_class_means is not None:
             means = box_class_means.to(device=device, dtype=torch.float32)
-            self.box_thresholds = thresholds_from_means(means, cfg.corte.rc_scale).clamp(min=cfg.corte.rc_floor)
+            self.box_thresholds = thresholds_from_means(means, cfg.corte.rc_scale, cfg.corte.rc_floor)
         else:
             self.box_thresholds = None
         self.teacher_thresholds = TeacherThresholds(self.num_classes, cfg.ema.threshold_momentum, device=device)
