@@ -172,3 +172,29 @@ def test_the_backoff_stops_the_scheduling_loop_spinning_beside_a_slow_consumer()
         ray.shutdown()
     assert paused["loop_steps"] < 0.3 * spinning["loop_steps"], (paused, spinning)
     assert paused["wall_s"] < 1.2 * spinning["wall_s"], (paused, spinning)
+
+
+def test_target_train_set_reads_the_boxs_second_class_only_when_asked(tiny_bench, tmp_path):
+    """corte.set_weight needs the box's top-2: the store's second class rides along as box_top2 (uint8, never
+    the first class), and a run that does not ask for it reads no more than before."""
+    from corte_ray.blackbox import open_blackbox
+    from corte_ray.blackbox.store import LabelStore, label_dataset_local
+    from corte_ray.data.datasets import open_dataset
+    from corte_ray.export import export_model
+    from corte_ray.models import build_source_model
+    from corte_ray.train.data import TargetTrainSet
+
+    torch.manual_seed(0)
+    export_model(build_source_model("deeplabv3_resnet18").eval(), tmp_path / "box.pt", example_size=(64, 96))
+    ds = open_dataset("synth", tiny_bench, split="train")
+    label_dataset_local(ds, open_blackbox(f"file:{tmp_path / 'box.pt'}", answer="probs", device="cpu"),
+                        tmp_path / "labels")
+    store = LabelStore(tmp_path / "labels")
+    with_top2 = TargetTrainSet(ds, store, with_top2=True)
+    plain = TargetTrainSet(ds, store)
+    for i, sample in enumerate(ds.samples):
+        box = store.get(sample.key)
+        item = with_top2[i]
+        assert np.array_equal(item["box_top2"], box.top2) and item["box_top2"].dtype == np.uint8
+        assert not np.any(item["box_top2"] == item["box_top1"])
+        assert "box_top2" not in plain[i]

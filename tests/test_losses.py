@@ -8,7 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from corte_ray.methods.losses import pixel_weighted_cross_entropy, quality_weights, reliability_weighted_cross_entropy
+from corte_ray.methods.losses import (pixel_weighted_cross_entropy, quality_weights, reliability_weighted_cross_entropy,
+                                     top2_set_loss)
 
 # Two classes, logits (0, ln 3) everywhere: p = (1/4, 3/4), so CE is -ln(3/4) for label 1, -ln(1/4) for label 0.
 CE1, CE0 = -math.log(0.75), -math.log(0.25)
@@ -108,3 +109,33 @@ def test_cuda_matches_cpu():
     cpu = reliability_weighted_cross_entropy(logits(4), labels, reliability)
     gpu = reliability_weighted_cross_entropy(logits(4).cuda(), labels.cuda(), reliability.cuda())
     torch.testing.assert_close(gpu.cpu(), cpu)
+
+
+def test_top2_set_loss_by_hand():
+    # Three classes, logits (0, ln 2, ln 3): p = (1/6, 2/6, 3/6). Pixel 0's set {1, 2} holds 5/6 of the mass,
+    # pixel 1's {0, 1} 3/6; pixel 2 is not in `where`; all three are valid.
+    lg = torch.tensor([0.0, math.log(2.0), math.log(3.0)]).view(1, 3, 1, 1).expand(1, 3, 1, 3).clone()
+    lg.requires_grad_(True)
+    top1 = torch.tensor([[[2, 0, 2]]])
+    top2 = torch.tensor([[[1, 1, 0]]])
+    where = torch.tensor([[[True, True, False]]])
+    valid = torch.ones(1, 1, 3, dtype=torch.bool)
+    loss = top2_set_loss(lg, top1, top2, where, valid)
+    assert loss.item() == pytest.approx((-math.log(5 / 6) - math.log(3 / 6)) / 3)
+    loss.backward()
+    assert lg.grad[0, :, 0, 2].abs().sum() == 0          # a pixel outside `where` gets no gradient
+    # Order within the set does not matter, and a pixel whose set holds all the mass costs nothing.
+    assert top2_set_loss(lg, top2, top1, where, valid).item() == pytest.approx(loss.item())
+    two = torch.tensor([0.0, 0.0]).view(1, 2, 1, 1).expand(1, 2, 1, 3)
+    assert top2_set_loss(two, torch.zeros(1, 1, 3, dtype=torch.long), torch.ones(1, 1, 3, dtype=torch.long),
+                         torch.ones(1, 1, 3, dtype=torch.bool), valid).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_top2_set_loss_no_pixel_is_zero_on_the_graph():
+    lg = torch.randn(2, 4, 3, 5, requires_grad=True)
+    none = torch.zeros(2, 3, 5, dtype=torch.bool)
+    loss = top2_set_loss(lg, torch.zeros(2, 3, 5, dtype=torch.long), torch.ones(2, 3, 5, dtype=torch.long), none,
+                         ~none)
+    assert loss.item() == 0.0
+    loss.backward()
+    assert lg.grad is not None

@@ -243,3 +243,27 @@ def test_class_normalised_agreement_weights_keep_each_class_weight():
     raw = agreement_weights(probs, labels, 1.0)
     m = labels == int(labels[1, 0, 0])
     assert torch.equal(w[m].argsort(), raw[m].argsort())
+
+
+@pytest.mark.parametrize("iteration", [0, 60])
+def test_corte_set_loss_trains_the_pixels_r2cp_leaves_ignored(iteration):
+    """corte.set_weight: the weak view's loss gains -log(p_a + p_b) over the box's top-2 at the pixels the label
+    ignores, in the warm-up and after it; the method asks for the top-2 only when the weight is on."""
+    assert not METHODS.get("corte").wants_box_top2(_setup("corte")[0])
+    cfg, models, step = _setup("corte", "corte.set_weight=0.5")
+    assert METHODS.get("corte").wants_box_top2(cfg)
+    batch = _batch()
+    probs_top2 = batch["box_top1"].clone()
+    batch["box_top2"] = (probs_top2 + 1) % C      # any second class but the first
+    torch.manual_seed(0)
+    out = step.step(models, batch, iteration, 100)
+    assert out["loss_set"] > 0
+    # The same step without the top-2 in the batch: no set term, and the weak loss is smaller by exactly it.
+    cfg0, models0, step0 = _setup("corte", "corte.set_weight=0.5")
+    models0.student.load_state_dict(models.student.state_dict())
+    models0.teacher.load_state_dict(models.teacher.state_dict())
+    batch.pop("box_top2")
+    torch.manual_seed(0)
+    out0 = step0.step(models0, batch, iteration, 100)
+    assert "loss_set" not in out0
+    assert out["loss_weak"].item() == pytest.approx(out0["loss_weak"].item() + 0.5 * out["loss_set"].item(), rel=1e-5)

@@ -89,6 +89,7 @@ class BoxLabels:
     top1: np.ndarray            # (H,W) uint8
     p1: np.ndarray              # (H,W) float32 (1.0 for a hard-label box)
     rc: np.ndarray | None       # (H,W) float32, None for a hard-label box
+    top2: np.ndarray | None = None  # (H,W) uint8, the box's second class; None for a hard-label box
 
 
 @contextlib.contextmanager
@@ -416,7 +417,7 @@ class LabelStore:
             return BoxLabels(top1=top1, p1=np.ones((h, w), np.float32), rc=None)
         ids = np.frombuffer(row["topk_ids"], dtype=np.uint8).reshape(-1, h, w)
         probs = dequantise(np.frombuffer(row["topk_probs"], dtype=np.uint8).reshape(-1, h, w))
-        return BoxLabels(top1=ids[0], p1=probs[0], rc=probs[0] - probs[1])
+        return BoxLabels(top1=ids[0], p1=probs[0], rc=probs[0] - probs[1], top2=ids[1])
 
 
 def answer_rows(answer, keys: Sequence[str], k: int) -> list[dict]:

@@ -61,3 +61,16 @@ def reliability_weighted_cross_entropy(
         raise ValueError(f"reliability {tuple(reliability.shape)} and labels {tuple(ce.shape)} differ in shape")
     r = torch.where(valid, reliability.detach().to(ce.dtype), torch.zeros_like(ce))
     return (r * ce).sum() / r.sum().clamp(min=eps)
+
+
+def top2_set_loss(logits: Tensor, top1: Tensor, top2: Tensor, where: Tensor, valid: Tensor) -> Tensor:
+    """-log(p(a) + p(b)) at the pixels `where`, {a, b} = the box's two first classes there: a set-valued
+    (partial) label, right whenever the truth is either of the two, that lets the student pick between them.
+    Summed over `where` and divided by the number of `valid` pixels (a share of the image, as the CE of the
+    labelled pixels is a mean over them). A 0 still on the graph when no pixel qualifies."""
+    logp = F.log_softmax(logits.float(), dim=1)
+    a = top1.clamp(max=logits.shape[1] - 1).unsqueeze(1)
+    b = top2.clamp(max=logits.shape[1] - 1).unsqueeze(1)
+    pair = torch.logsumexp(torch.cat([logp.gather(1, a), logp.gather(1, b)], dim=1), dim=1)
+    loss = torch.where(where, -pair, torch.zeros_like(pair))
+    return loss.sum() / valid.sum().clamp(min=1)

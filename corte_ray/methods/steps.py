@@ -25,7 +25,8 @@ from torch import Tensor, nn
 
 from ..config import Config
 from ..registry import Registry
-from .losses import pixel_weighted_cross_entropy, quality_weights, reliability_weighted_cross_entropy
+from .losses import (pixel_weighted_cross_entropy, quality_weights, reliability_weighted_cross_entropy,
+                     top2_set_loss)
 from .mixing import classmix_batch, classmix_mask, mocm_mask
 from .pseudo_labels import confidence_threshold_labels, r2cp_labels, relative_confidence, thresholds_from_means
 from .refine import TeacherThresholds, label_diagnostics, refine_labels
@@ -59,6 +60,11 @@ class Method:
     needs_ground_truth = False      # trains on target labels (oracle)
     needs_box_labels = True         # reads the black box's stored answers (every black-box method)
     needs_source_weights = False    # starts from the white-box source model (stvm)
+
+    @classmethod
+    def wants_box_top2(cls, cfg: Config) -> bool:
+        """Whether the step reads the box's second class (`box_top2`) beside its first."""
+        return False
 
     def __init__(self, cfg: Config, box_class_means: Tensor | None, device: torch.device,
                  reduce: Reducer = _identity, seed: int = 0) -> None:
@@ -249,6 +255,17 @@ class Corte(Method):
 
     uses_teacher = True
 
+    @classmethod
+    def wants_box_top2(cls, cfg):
+        return cfg.corte.set_weight > 0
+
+    def set_term(self, logits_weak: Tensor, y: Tensor, m: dict[str, Tensor]) -> Tensor | None:
+        """The top-2 set loss on the pixels the final label leaves ignored (`corte.set_weight`), or None."""
+        if self.cfg.corte.set_weight <= 0 or "box_top2" not in m:
+            return None
+        where = (y == IGNORE) & m["valid"] & (m["box_top1"] != IGNORE) & (m["box_top2"] != IGNORE)
+        return top2_set_loss(logits_weak, m["box_top1"], m["box_top2"], where, m["valid"])
+
     def reliability_weights(self, models, feats, labels, stats):  # overridden by corte_metric
         return quality_weights(labels), None
 
@@ -257,7 +274,8 @@ class Corte(Method):
 
     def step(self, models, batch, iteration, total):
         rc_box = batch.get("box_rc")
-        keys = ("box_top1",) + (("box_rc",) if rc_box is not None else ()) + (("label",) if "label" in batch else ())
+        keys = (("box_top1",) + (("box_rc",) if rc_box is not None else ()) + (("label",) if "label" in batch else ())
+                + (("box_top2",) if "box_top2" in batch else ()))
         weak, strong, m = self.views(batch, keys)
         y_box = self.box_labels(m["box_top1"], m.get("box_rc"))
         warm_done, refine_on = self.phase(iteration, total)
@@ -270,7 +288,8 @@ class Corte(Method):
             y = m["box_top1"] if self.cfg.corte.warmup_labels == "raw" else y_box
             w = quality_weights(y)
             loss_strong = pixel_weighted_cross_entropy(student(strong), y, w)
-            loss_weak = pixel_weighted_cross_entropy(student(weak), y)
+            logits_weak = student(weak)
+            loss_weak = pixel_weighted_cross_entropy(logits_weak, y)
             metric_loss = None
             stats = {"kept_box": _label_fractions(y), "overridden": 0.0, "filled": 0.0,
                      "ignored": 1 - _label_fractions(y)}
@@ -303,7 +322,12 @@ class Corte(Method):
             else:   # the ablation: the strong view alone
                 mixed_img, mixed_y, mixed_w = strong, y, w
             loss_strong = self.weighted_ce(student(mixed_img), mixed_y, mixed_w)
-            loss_weak = pixel_weighted_cross_entropy(student(weak), y, w_weak)
+            logits_weak = student(weak)
+            loss_weak = pixel_weighted_cross_entropy(logits_weak, y, w_weak)
+        loss_set = self.set_term(logits_weak, y, m)
+        if loss_set is not None:
+            loss_weak = loss_weak + self.cfg.corte.set_weight * loss_set
+            out["loss_set"] = loss_set.detach()
         ramp = strong_ramp(iteration, total, self.cfg.corte.strong_rampup)
         loss = ramp * loss_strong + self.cfg.corte.weak_weight * loss_weak
         if self.cfg.corte.strong_rampup > 0:

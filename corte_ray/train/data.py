@@ -22,8 +22,9 @@ class TargetTrainSet(TorchDataset):
     """Target images joined with the black box's stored answer (or ground truth for `oracle`)."""
 
     def __init__(self, dataset: Dataset, store=None, resize: tuple[int, int] | None = None,
-                 with_labels: bool = False, cache: bool = False) -> None:
+                 with_labels: bool = False, cache: bool = False, with_top2: bool = False) -> None:
         self.dataset, self.store, self.resize, self.with_labels = dataset, store, resize, with_labels
+        self.with_top2 = with_top2   # the box's second class too (corte.set_weight: top-2 set labels)
         # Decoded samples by index: PNG/JPEG decoding and the label-store lookup cost more than a training step
         # of a small student on CPU, and every image is read once per epoch.
         self._cache: dict[int, dict[str, np.ndarray]] | None = {} if cache else None
@@ -54,6 +55,8 @@ class TargetTrainSet(TorchDataset):
             out["box_top1"], out["box_p1"] = box.top1, box.p1
             if box.rc is not None:
                 out["box_rc"] = box.rc
+            if self.with_top2 and box.top2 is not None:
+                out["box_top2"] = box.top2
         size = self.resize or img.shape[:2]
         img = resize_image(img, size)
         out = {k: resize_map(v, size) for k, v in out.items()}   # the store may hold another resolution
@@ -127,7 +130,7 @@ def to_device_batch(batch: dict[str, torch.Tensor], device: torch.device, channe
             v = v.float().div_(255.0)
             if channels_last:
                 v = v.contiguous(memory_format=torch.channels_last)
-        elif k in ("box_top1", "label"):
+        elif k in ("box_top1", "box_top2", "label"):
             v = v.long()
         else:
             v = v.float()

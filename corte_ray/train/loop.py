@@ -138,7 +138,8 @@ def build_run(cfg: Config, ctx, store) -> Run:
     # (accuracy of what the box and the teacher label); no method but `oracle` trains on it.
     diagnose = tcfg.label_diagnostics and all(s.label is not None for s in train_set.samples)
     data = TargetTrainSet(train_set, store if method_cls.needs_box_labels else None, d.resize,
-                          with_labels=method_cls.needs_ground_truth or diagnose, cache=d.cache_images)
+                          with_labels=method_cls.needs_ground_truth or diagnose, cache=d.cache_images,
+                          with_top2=method_cls.wants_box_top2(cfg))
 
     student = build_model(cfg.model.student, cfg.model.num_classes, cfg.model.pretrained, cfg.model.weights).to(device)
     if tcfg.channels_last and device.type == "cuda":
