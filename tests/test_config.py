@@ -27,6 +27,8 @@ def test_yaml_and_overrides(tmp_path):
     ("nosuch.key=1", "nosuch: unknown config key"),
     ("ema.momentum=1.0", "ema.momentum: must be in [0.0, 1.0)"),
     ("corte.rc_floor=1.5", "corte.rc_floor: must be in [0.0, 1.0], got 1.5"),
+    ("corte.set_weight=-1", "corte.set_weight: must be in [0.0, 100.0], got -1"),
+    ("corte.contradicted=drop", "corte.contradicted: must be one of ['keep', 'ignore'], got 'drop'"),
     ("train.iterations=abc", "train.iterations: must be an integer"),
     ("method=magic", "method: unknown method 'magic'"),
     ("blackbox.answer=soft", "blackbox.answer: must be one of"),

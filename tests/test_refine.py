@@ -101,6 +101,24 @@ def test_refine_override_scale_moves_only_the_override_bar():
     assert refined.tolist() == [[[0, 1, 0, 1, 255, 255, 255]]]
 
 
+def test_refine_drop_contradicted_ignores_what_the_teacher_contradicts_without_overriding():
+    # The pixels of the first test: pixel 2 (teacher says 1 above its bar, rc_T 0.5 <= rc_B 0.5: no override)
+    # is kept by the spec's rule and ignored with drop_contradicted; pixel 3 (teacher below its bar) stays kept.
+    y_box = row([0, 0, 0, 0, 255, 255, 255], torch.long)
+    rc_box = row([0.6, 0.3, 0.5, 0.1, 0.05, 0.0, 0.0])
+    y_t = row([0, 1, 1, 1, 2, 0, 3], torch.long)
+    rc_t = row([0.9, 0.5, 0.5, 0.35, 0.25, 0.45, 1.0])
+    refined, fractions = refine_labels(y_box, rc_box, y_t, rc_t, TAU, drop_contradicted=True)
+    assert refined.tolist() == [[[0, 1, 255, 0, 2, 255, 255]]]
+    assert fractions == pytest.approx({"kept_box": 2 / 7, "overridden": 1 / 7, "filled": 1 / 7, "ignored": 3 / 7})
+    # The bar is the override's: at beta_override = 2 pixel 2 is no longer contradicted with confidence.
+    refined, _ = refine_labels(y_box, rc_box, y_t, rc_t, TAU, beta_override=2.0, drop_contradicted=True)
+    assert refined.tolist() == [[[0, 0, 0, 0, 2, 255, 255]]]
+    # A hard-label box has no rc_B to compare: the flag changes nothing there.
+    hard, _ = refine_labels(y_box, None, y_t, rc_t, TAU, drop_contradicted=True)
+    assert torch.equal(hard, refine_labels(y_box, None, y_t, rc_t, TAU)[0])
+
+
 def test_refine_hard_box_uses_beta_hard():
     #          override  rcT<1.5tau  agree  filled (beta, not beta_hard)
     y_box = row([0, 0, 2, 255], torch.long)

@@ -82,6 +82,7 @@ def refine_labels(
     ignore_index: int = IGNORE_INDEX,
     box_top1: Tensor | None = None,
     beta_override: float | None = None,
+    drop_contradicted: bool = False,
 ) -> tuple[Tensor, dict[str, float]]:
     """The refined pseudo-label of METHODS.md 1.2, per pixel, and the fraction of pixels per rule.
 
@@ -97,7 +98,9 @@ def refine_labels(
         re-masks pixels that are not image (see views.weak_view) after refining.
     With `box_top1` (the box's arg-max before R2CP masked it), a fill also needs the teacher to agree with
     it: the box's unsure guess confirmed by a confident teacher (`corte.fill=agree`). `beta_override` (default:
-    beta) is the scale of the confidence bar for overrides of labelled pixels with rc_box given.
+    beta) is the scale of the confidence bar for overrides of labelled pixels with rc_box given. With
+    `drop_contradicted`, a labelled pixel the teacher contradicts above that bar but with rc_T <= rc_box (no
+    override) is ignored instead of kept (`corte.contradicted=ignore`); it counts as "ignored".
     Fractions {"kept_box", "overridden", "filled", "ignored"} are over all pixels and sum to 1.
     """
     if not (y_box.shape == y_teacher.shape == rc_teacher.shape):
@@ -118,13 +121,17 @@ def refine_labels(
     else:
         b_o = beta if beta_override is None else beta_override
         overridden = has_box & disagrees & (rc_t >= b_o * tau) & (rc_t > rc_box.detach().to(torch.float64))
+    dropped = torch.zeros_like(has_box)
+    if drop_contradicted and rc_box is not None:
+        dropped = has_box & disagrees & (rc_t >= b_o * tau) & ~overridden
     filled = ~has_box & (rc_t >= beta * tau)
     if box_top1 is not None:
         filled &= y_teacher == box_top1.to(y_teacher.dtype)
     refined = torch.where(overridden | filled, y_teacher, y_box)
+    refined = torch.where(dropped, torch.full_like(refined, ignore_index), refined)
 
-    kept = has_box & ~overridden
-    ignored = ~has_box & ~filled
+    kept = has_box & ~overridden & ~dropped
+    ignored = (~has_box & ~filled) | dropped
     fractions = torch.stack([kept.sum(), overridden.sum(), filled.sum(), ignored.sum()]).to(torch.float64)
     fractions = fractions / max(y_box.numel(), 1)
     # One .tolist() for the four numbers: a single CPU-GPU sync per step instead of four.

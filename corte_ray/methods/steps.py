@@ -303,6 +303,7 @@ class Corte(Method):
                                          beta=self.cfg.corte.teacher_scale,
                                          beta_hard=self.cfg.corte.hard_override_scale,
                                          beta_override=self.cfg.corte.override_scale,
+                                         drop_contradicted=self.cfg.corte.contradicted == "ignore",
                                          box_top1=m["box_top1"] if self.cfg.corte.fill == "agree" else None)
             else:
                 y = y_box
