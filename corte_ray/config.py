@@ -141,8 +141,6 @@ class CorteConfig:
         _in_range(self.strong_rampup, f"{p}.strong_rampup", 0.0, 1.0)
         _in_range(self.agree_power, f"{p}.agree_power", 0.0, 10.0)
         _in_range(self.set_weight, f"{p}.set_weight", 0.0, 100.0)
-        _check(self.contradicted in ("keep", "ignore"), f"{p}.contradicted",
-               f"must be keep or ignore, got {self.contradicted!r}")
         _check(self.agree_norm in ("class", "pixel"), f"{p}.agree_norm",
                f"must be class or pixel, got {self.agree_norm!r}")
         _check(self.fill in ("confident", "agree"), f"{p}.fill", f"must be confident or agree, got {self.fill!r}")

@@ -253,8 +253,7 @@ def test_corte_set_loss_trains_the_pixels_r2cp_leaves_ignored(iteration):
     cfg, models, step = _setup("corte", "corte.set_weight=0.5")
     assert METHODS.get("corte").wants_box_top2(cfg)
     batch = _batch()
-    probs_top2 = batch["box_top1"].clone()
-    batch["box_top2"] = (probs_top2 + 1) % C      # any second class but the first
+    batch["box_top2"] = (batch["box_top1"] + 1) % C      # any second class but the first
     torch.manual_seed(0)
     out = step.step(models, batch, iteration, 100)
     assert out["loss_set"] > 0
