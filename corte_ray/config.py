@@ -141,12 +141,6 @@ class CorteConfig:
         _in_range(self.strong_rampup, f"{p}.strong_rampup", 0.0, 1.0)
         _in_range(self.agree_power, f"{p}.agree_power", 0.0, 10.0)
         _in_range(self.set_weight, f"{p}.set_weight", 0.0, 100.0)
-        _check(self.agree_norm in ("class", "pixel"), f"{p}.agree_norm",
-               f"must be class or pixel, got {self.agree_norm!r}")
-        _check(self.fill in ("confident", "agree"), f"{p}.fill", f"must be confident or agree, got {self.fill!r}")
-        _check(self.warmup_labels in ("r2cp", "raw"), f"{p}.warmup_labels",
-               f"must be r2cp or raw, got {self.warmup_labels!r}")
-        _check(self.mix_mask in ("label", "box"), f"{p}.mix_mask", f"must be label or box, got {self.mix_mask!r}")
 
 
 @dataclass
@@ -180,7 +174,6 @@ class EMAConfig:
     start: Literal["ramp", "copy", "init"] = "ramp"
 
     def validate(self, p: str = "ema") -> None:
-        _check(self.start in ("ramp", "copy", "init"), f"{p}.start", f"must be ramp, copy or init, got {self.start!r}")
         _in_range(self.momentum, f"{p}.momentum", 0.0, 1.0, hi_open=True)
         _in_range(self.threshold_momentum, f"{p}.threshold_momentum", 0.0, 1.0, hi_open=True)
 
@@ -208,8 +201,6 @@ class STvMConfig:
         _in_range(self.gamma, f"{p}.gamma", 0.0, 20.0, lo_open=True)
         _in_range(self.mocm_power, f"{p}.mocm_power", 0.0, 20.0)
         _in_range(self.metric_weight, f"{p}.metric_weight", 0.0, 100.0)
-        _check(self.reliability_norm in ("pixel", "class"), f"{p}.reliability_norm",
-               f"must be pixel or class, got {self.reliability_norm!r}")
 
 
 @dataclass

@@ -29,6 +29,13 @@ def test_yaml_and_overrides(tmp_path):
     ("corte.rc_floor=1.5", "corte.rc_floor: must be in [0.0, 1.0], got 1.5"),
     ("corte.set_weight=-1", "corte.set_weight: must be in [0.0, 100.0], got -1"),
     ("corte.contradicted=drop", "corte.contradicted: must be one of ['keep', 'ignore'], got 'drop'"),
+    # The Literal keys whose own checks in validate() were unreachable (and are gone): _coerce names them.
+    ("corte.fill=x", "corte.fill: must be one of ['confident', 'agree'], got 'x'"),
+    ("corte.mix_mask=x", "corte.mix_mask: must be one of ['label', 'box'], got 'x'"),
+    ("corte.warmup_labels=x", "corte.warmup_labels: must be one of ['r2cp', 'raw'], got 'x'"),
+    ("corte.agree_norm=x", "corte.agree_norm: must be one of ['class', 'pixel'], got 'x'"),
+    ("ema.start=x", "ema.start: must be one of ['ramp', 'copy', 'init'], got 'x'"),
+    ("stvm.reliability_norm=x", "stvm.reliability_norm: must be one of ['pixel', 'class'], got 'x'"),
     ("train.iterations=abc", "train.iterations: must be an integer"),
     ("method=magic", "method: unknown method 'magic'"),
     ("blackbox.answer=soft", "blackbox.answer: must be one of"),
