@@ -4,7 +4,9 @@ The rules a black-box method can apply to the box's answers before training: R2C
 class mean of rc), threshold_st's fixed probability bar (p1 >= 0.9), and variants between them. Per rule: the
 share of the pixels kept, their accuracy, and per class the precision (of the kept pixels labelled c, the share
 that is c) and the recall (of the pixels that are c, the share kept *and* labelled c). It explains, for example,
-why threshold_st wins on sky and loses elsewhere (docs/methods.md, "What bounds the margins"):
+why threshold_st wins on sky and loses elsewhere (docs/methods.md, "What bounds the margins"). For R2CP it also
+measures what the pixels it drops still hold: how often the box's top-1 is right there, and how often the truth is
+one of its top two (the case for corte.set_weight's set-valued label, docs/methods.md):
 
     python benchmarks/label_rules.py --root demo_out/bench --store demo_out/labels
 
@@ -63,16 +65,25 @@ def main() -> None:
         rc_sum += float(box.rc.sum(dtype=np.float64))
         rc_n += box.rc.size
     mean_rc = rc_sum / max(rc_n, 1)
+    store_has_top2 = box.top2 is not None
 
     stats: dict[str, dict[str, np.ndarray]] = {}
     gt_count = np.zeros(c, np.int64)
+    # The pixels R2CP drops: how many, the box's top-1 right there, the truth in the box's top two.
+    dropped = {"pixels": 0, "top1_right": 0, "top2_holds_truth": 0}
     for sample in ds.samples:
         gt = ds.read_label(sample).astype(np.int64)
         box = store.get(sample.key)
         top1 = box.top1.astype(np.int64)
         valid = gt != 255
         gt_count += np.bincount(gt[valid], minlength=c)[:c]
-        for name, kept in rules(top1, box.p1, box.rc, tau, mean_rc).items():
+        masks = rules(top1, box.p1, box.rc, tau, mean_rc)
+        d = ~masks["R2CP, rc >= tau_c (corte)"] & valid
+        dropped["pixels"] += int(d.sum())
+        dropped["top1_right"] += int((d & (top1 == gt)).sum())
+        if box.top2 is not None:
+            dropped["top2_holds_truth"] += int((d & ((top1 == gt) | (box.top2.astype(np.int64) == gt))).sum())
+        for name, kept in masks.items():
             s = stats.setdefault(name, {k: np.zeros(c, np.int64) for k in ("kept", "right")})
             k = kept & valid
             s["kept"] += np.bincount(top1[k], minlength=c)[:c]
@@ -89,6 +100,11 @@ def main() -> None:
             "precision": {names[i]: pct(s["right"][i], s["kept"][i]) for i in range(c) if s["kept"][i]},
             "recall": {names[i]: pct(s["right"][i], gt_count[i]) for i in range(c) if gt_count[i]},
         }
+    result["r2cp_dropped"] = {
+        "share": pct(dropped["pixels"], total),
+        "top1_accuracy": pct(dropped["top1_right"], dropped["pixels"]),
+        "top2_holds_truth": pct(dropped["top2_holds_truth"], dropped["pixels"]) if store_has_top2 else None,
+    }
     result["command"] = "python benchmarks/label_rules.py " + " ".join(sys.argv[1:])
 
     shown = [i for i in range(c) if stats["raw top-1 (distill)"]["kept"][i]]   # the classes the box names
@@ -99,6 +115,10 @@ def main() -> None:
         cells = " ".join(f"{r['precision'].get(names[i], float('nan')):5.1f}/{r['recall'][names[i]]:5.1f}"
                          for i in shown)
         print(f"{name:32s} {r['kept_share']:5.1f}% {r['accuracy']:5.1f}%  {cells}")
+    dr = result["r2cp_dropped"]
+    print(f"R2CP drops {dr['share']:.1f}% of the pixels; there the box's top-1 is right on {dr['top1_accuracy']:.1f}%"
+          + (f", the truth is in its top 2 on {dr['top2_holds_truth']:.1f}%" if dr["top2_holds_truth"] is not None
+             else " (a hard-label store: no top 2)"))
     print(f"command: {result['command']}")
     print(f"wrote {write_json_atomic(args.out, result)}")
 
