@@ -32,6 +32,9 @@ def main() -> None:
     p.add_argument("--split", default="train")
     p.add_argument("--store", type=Path, required=True, help="the run's label store")
     p.add_argument("--rc-scale", type=float, default=1.0, help="alpha of tau_c = alpha * mean rc")
+    p.add_argument("--beta", type=float, default=None,
+                   help="the override bar beta of rc_model >= beta tau^T (default: the run's corte.teacher_scale); "
+                        "1.0 with the 'confident only' rule counts every confident contradiction of a kept label")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "teacher_errors.json")
     args = p.parse_args()
@@ -65,7 +68,7 @@ def main() -> None:
     # Override rules on R2CP-kept pixels where the model disagrees with the box, with the run's teacher class
     # thresholds tau^T (from the checkpoint) and beta = corte.teacher_scale: the spec's (rc_T > rc_B), confidence
     # alone, and each confidence relative to its own model's class threshold (rc_T / tau^T > rc_B / tau^B).
-    beta = float(state["config"]["corte"]["teacher_scale"])
+    beta = float(state["config"]["corte"]["teacher_scale"]) if args.beta is None else args.beta
     tt = state.get("method", {}).get("teacher_thresholds")
     tau_t = tt["mean"].double().numpy() if tt is not None else None
     rules = ("rc_T > rc_B", "confident only", "relative to class")
