@@ -235,6 +235,11 @@ class TrainConfig:
     score_images: int = 0                          # at every evaluation, the unsupervised selection scores on this
                                                    # many target TRAIN images (no labels read; tune/score.py,
                                                    # docs/tuning.md); 0 = off (`corte-ray tune` turns it on)
+    rounds: int = 1                                # self-training rounds of a method trained on box labels: after
+                                                   # each round but the last, its final student relabels the target
+                                                   # training images as the next round's box and a fresh student
+                                                   # trains on them; each round costs `iterations` steps
+                                                   # (docs/methods.md, "A second round")
 
     def validate(self, p: str = "train") -> None:
         _check(self.iterations >= 1, f"{p}.iterations", f"must be >= 1, got {self.iterations}")
@@ -245,6 +250,7 @@ class TrainConfig:
         _check(self.log_every >= 1, f"{p}.log_every", "must be >= 1")
         _check(self.cpu_threads >= 0, f"{p}.cpu_threads", "must be >= 0 (0 = torch's default)")
         _check(self.score_images >= 0, f"{p}.score_images", f"must be >= 0 (0 = off), got {self.score_images}")
+        _check(self.rounds >= 1, f"{p}.rounds", f"must be >= 1, got {self.rounds}")
         _check(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"), f"{p}.device",
                f"must be auto, cpu, cuda or cuda:N, got {self.device!r}")
 

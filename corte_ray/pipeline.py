@@ -78,8 +78,9 @@ class _FreshRun:
     def __exit__(self, kind, exc, tb) -> None:
         from .errors import CorteError
 
+        # A run whose earlier self-training rounds began (RUN/rounds) keeps its config: `--resume` continues them.
         if (exc is not None and isinstance(exc, CorteError) and not self.resume and self.cfg_path.exists()
-                and not self.checkpoints.step_dirs()):
+                and not self.checkpoints.step_dirs() and not (self.cfg_path.parent / "rounds").exists()):
             self.cfg_path.unlink()
             log.info("%s removed: the run failed before its first checkpoint", self.cfg_path)
 
@@ -152,15 +153,79 @@ def adapt(cfg: Config | None, run_dir, resume: bool = False, hooks=None):
         # Before the run directory exists: a refused command leaves nothing behind to block the corrected one.
         raise ConfigError(f"model.weights: method {cfg.method} starts student and teacher from the white-box "
                           f"source model; pass --source-checkpoint CKPT (or model.weights=CKPT)")
+    if cfg is not None and cfg.train.rounds > 1 and not METHODS.get(cfg.method).needs_box_labels:
+        raise ConfigError(f"train.rounds: method {cfg.method} does not train on black-box labels, so there is "
+                          f"nothing to relabel between rounds; rounds apply to distill, threshold_st, corte and "
+                          f"corte_metric")
     cfg = prepare_run_dir(run_dir, cfg, resume)
     with _FreshRun(run_dir, resume):
         store = open_label_store(cfg, run_dir) if METHODS.get(cfg.method).needs_box_labels else None
+        if cfg.train.rounds > 1:
+            # Earlier rounds under RUN/rounds/; the last one trains here, so RUN is the final student's run.
+            store = earlier_rounds(cfg, run_dir, store, hooks)
+            cfg = _with_store(cfg, store.root)
         if cfg.scaling.engine == "ray":
             from .train.ray_engine import fit_ray
 
             return fit_ray(cfg, run_dir, str(store.root) if store is not None else None, hooks=hooks)
         ctx = LocalContext(run_dir, resolve_device(cfg.train.device), cfg.train.keep_checkpoints)
         return train(cfg, ctx, store, hooks=hooks)
+
+
+def _with_store(cfg: Config, store_root, rounds: int | None = None) -> Config:
+    """`cfg` training on the label store at `store_root` (and, when given, with train.rounds = `rounds`)."""
+    from dataclasses import replace
+
+    train = replace(cfg.train, rounds=rounds) if rounds is not None else cfg.train
+    return replace(cfg, blackbox=replace(cfg.blackbox, label_store=str(store_root), spec=""), train=train)
+
+
+def earlier_rounds(cfg: Config, run_dir, store, hooks=None):
+    """Rounds 1 .. R-1 of a `train.rounds` = R run; returns the label store the last round trains on.
+
+    Round r trains a fresh student on store r (the box's own labels for r = 1) in RUN/rounds/r, its final student
+    is exported to RUN/rounds/r/student.pt, and that file, queried as a black box, labels the target training
+    images into RUN/rounds/labels_{r+1}. Every piece resumes: a round whose last checkpoint exists is not trained
+    again, an exported file is reused, and the labelling skips the images already in the store."""
+    from .blackbox.store import LabelStore
+    from .export import export_model
+    from .train.context import CheckpointDir
+
+    total = cfg.train.rounds
+    for r in range(1, total):
+        sub = run_dir / "rounds" / str(r)
+        round_cfg = _with_store(cfg, store.root, rounds=1)
+        checkpoints = CheckpointDir(sub)
+        if (sub / "config.yaml").exists() and checkpoints.latest_step() >= cfg.train.iterations:
+            log.info("round %d/%d: already trained (%s)", r, total, sub)
+        else:
+            log.info("round %d/%d: training on %s", r, total, store.root)
+            adapt(round_cfg, sub, resume=(sub / "config.yaml").exists(), hooks=hooks)
+        box_file = sub / "student.pt"
+        if not box_file.exists():
+            model, _ = load_checkpoint_model(checkpoints.step_file(cfg.train.iterations))
+            export_model(model, box_file, example_size=_image_size(cfg))
+        next_dir = run_dir / "rounds" / f"labels_{r + 1}"
+        log.info("round %d/%d: the round's student labels the target images into %s", r + 1, total, next_dir)
+        from dataclasses import replace
+
+        label_cfg = replace(cfg, blackbox=replace(cfg.blackbox, spec=f"file:{box_file}", label_store=""))
+        label(label_cfg, next_dir, engine=cfg.scaling.engine)
+        store = LabelStore(next_dir)
+    log.info("round %d/%d: training on %s", total, total, store.root)
+    return store
+
+
+def _image_size(cfg: Config) -> tuple[int, int]:
+    """(H, W) the box sees: data.resize, or the first target training image's own size."""
+    from .data.datasets import open_dataset
+
+    if cfg.data.resize:
+        return tuple(cfg.data.resize)
+    d = cfg.data
+    dataset = open_dataset(d.dataset, d.root, split=d.train_split, city=d.city, labels_dir=d.labels_dir,
+                           label_space=d.label_space)
+    return tuple(dataset.read_image(dataset.samples[0]).shape[:2])
 
 
 def _read_checkpoint(path: str | Path) -> tuple[dict, Path]:

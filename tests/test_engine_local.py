@@ -198,7 +198,7 @@ def test_teacher_errors_benchmark_reads_a_runs_checkpoint(tiny_bench, box_and_st
     assert proc.returncode == 0, proc.stderr
     assert "R2CP kept, box wrong" in proc.stdout and "command: python benchmarks/teacher_errors.py" in proc.stdout
     r = json.loads(out.read_text())
-    assert r["step"] == 3 and r["model"] == "teacher"
+    assert r["step"] == 3 and r["model"] == "teacher" and r["teacher_scale"] == 1.0   # the run's beta
     parts = ("kept_right", "kept_wrong", "dropped")
     assert abs(sum(r["pixel_share"][k] for k in parts) - 100.0) < 1e-6
     mixed = sum(r["pixel_share"][k] * r["model_accuracy"][k] for k in parts) / 100.0
@@ -207,6 +207,15 @@ def test_teacher_errors_benchmark_reads_a_runs_checkpoint(tiny_bench, box_and_st
                               "--checkpoint", "step_9", "--root", str(tiny_bench), "--store", str(store)],
                              capture_output=True, text=True, timeout=300)
     assert missing.returncode != 0 and "no checkpoint at" in missing.stderr
+    # --beta sets the override bar: at 0 every contradiction of a kept label counts as confident.
+    loose = subprocess.run([sys.executable, str(root / "benchmarks" / "teacher_errors.py"), "--run", str(run),
+                            "--checkpoint", "step_0000003", "--root", str(tiny_bench), "--store", str(store),
+                            "--beta", "0", "--out", str(tmp_path / "te0.json")], capture_output=True, text=True,
+                           timeout=300)
+    assert loose.returncode == 0, loose.stderr
+    r0 = json.loads((tmp_path / "te0.json").read_text())
+    assert r0["teacher_scale"] == 0.0
+    assert r0["override"]["confident only"]["pixel_share"] >= r["override"]["confident only"]["pixel_share"]
 
 
 def test_label_rules_benchmark_matches_the_store_it_reads(tiny_bench, tmp_path):
@@ -248,7 +257,7 @@ def test_label_rules_benchmark_matches_the_store_it_reads(tiny_bench, tmp_path):
     means = store.class_mean_rc()
     tau = np.where(np.isnan(means), 1.0, means)
     ds = open_dataset("synth", tiny_bench, split="train")
-    valid = kept = kept_right = raw_right = 0
+    valid = kept = kept_right = raw_right = dropped_top2 = 0
     for sample in ds.samples:
         gt = ds.read_label(sample).astype(np.int64)
         box = store.get(sample.key)
@@ -258,8 +267,81 @@ def test_label_rules_benchmark_matches_the_store_it_reads(tiny_bench, tmp_path):
         kept += int(k.sum())
         kept_right += int((k & (box.top1 == gt)).sum())
         raw_right += int((v & (box.top1 == gt)).sum())
+        dropped_top2 += int((v & ~k & ((box.top1 == gt) | (box.top2 == gt))).sum())
     r2cp, raw = r["R2CP, rc >= tau_c (corte)"], r["raw top-1 (distill)"]
     assert abs(r2cp["kept_share"] - 100.0 * kept / valid) < 1e-9
     assert abs(r2cp["accuracy"] - 100.0 * kept_right / kept) < 1e-9
     assert raw["kept_share"] == 100.0 and abs(raw["accuracy"] - 100.0 * raw_right / valid) < 1e-9
     assert 0 < r2cp["kept_share"] < 100 and r["rc >= 1.25 tau_c"]["kept_share"] < r2cp["kept_share"]
+    # What the dropped pixels hold: their share, the box's top-1 accuracy there, the truth in its top 2.
+    d = json.loads(out.read_text())["r2cp_dropped"]
+    dropped, dropped_right = valid - kept, raw_right - kept_right
+    assert abs(d["share"] - 100.0 * dropped / valid) < 1e-9
+    assert abs(d["top1_accuracy"] - 100.0 * dropped_right / dropped) < 1e-9
+    assert abs(d["top2_holds_truth"] - 100.0 * dropped_top2 / dropped) < 1e-9
+    assert d["top2_holds_truth"] >= d["top1_accuracy"]
+    assert f"R2CP drops {d['share']:.1f}% of the pixels" in proc.stdout
+
+
+def test_rounds_relabel_with_the_student_and_resume_where_they_stopped(tiny_bench, box_and_store, tmp_path):
+    # `adapt --rounds 2`: round 1 trains on the box's labels in RUN/rounds/1, its final student (exported to
+    # RUN/rounds/1/student.pt) labels the target images into RUN/rounds/labels_2, and the last round trains a fresh
+    # student on those labels in RUN itself. A run killed in round 2 resumes there: round 1 is not trained again,
+    # the images are not labelled again, and the final weights are the uninterrupted run's.
+    import numpy as np
+
+    from corte_ray.blackbox.store import LabelStore
+    from corte_ray.export import load_model_file
+    from corte_ray.pipeline import adapt
+    from tests.engine_hooks import Killed, TestHooks
+
+    _, store = box_and_store
+    args = ("train.rounds=2", "train.iterations=3", "train.checkpoint_every=1")
+    full = tmp_path / "full"
+    assert _adapt(full, tiny_bench, store, *args) == 0
+    assert (full / "rounds" / "1" / "checkpoints" / "step_0000003").is_dir()
+    relabelled = LabelStore(full / "rounds" / "labels_2")
+    box_store = LabelStore(store)
+    keys = box_store.keys()
+    assert sorted(relabelled.keys()) == sorted(keys)
+    # The new labels are the round-1 student's answers, not the box's.
+    student = load_model_file(full / "rounds" / "1" / "student.pt")
+    from corte_ray.data.datasets import open_dataset
+
+    ds = open_dataset("synth", tiny_bench, split="train")
+    sample = ds.samples[0]
+    image = torch.from_numpy(ds.read_image(sample)).permute(2, 0, 1)[None].float() / 255
+    with torch.no_grad():
+        top1 = student(image).argmax(1)[0].numpy()
+    assert np.array_equal(relabelled.get(sample.key).top1, top1)
+    assert not all(np.array_equal(relabelled.get(k).top1, box_store.get(k).top1) for k in keys)
+    final = torch.load(full / "checkpoints" / "step_0000003" / "checkpoint.pt", weights_only=True)
+    assert final["config"]["blackbox"]["label_store"] == str(full / "rounds" / "labels_2")
+
+    class KillInRound2(TestHooks):
+        def on_step(self, ctx, step):
+            super().on_step(ctx, step)
+            if Path(str(ctx.run_dir)) == part and step == 2:
+                raise Killed
+
+    part = tmp_path / "part"
+    with pytest.raises(Killed):
+        adapt(load_config(full / "config.yaml"), part, hooks=KillInRound2())
+    label_parts = sorted(p.name for p in (part / "rounds" / "labels_2").rglob("*.parquet"))
+    assert label_parts and [p.name for p in (part / "checkpoints").glob("step_*")] == ["step_0000001"]
+    ran: list[int] = []
+    adapt(None, part, resume=True, hooks=TestHooks(steps=ran))
+    assert ran == [2, 3]   # neither round 1 (3 steps) nor round 2's checkpointed first step runs again
+    assert sorted(p.name for p in (part / "rounds" / "labels_2").rglob("*.parquet")) == label_parts
+    resumed = torch.load(part / "checkpoints" / "step_0000003" / "checkpoint.pt", weights_only=True)
+    for key in ("student", "teacher"):
+        for name, t in final[key].items():
+            assert torch.equal(t, resumed[key][name]), f"{key}.{name} differs after resume"
+
+
+def test_rounds_need_a_method_trained_on_box_labels(tiny_bench, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["-q", "adapt", "--engine", "local", "--out", str(run), "--method", "oracle", "--dataset", "synth",
+                 "--root", str(tiny_bench), "--rounds", "2", "--device", "cpu"]) != 0
+    assert "train.rounds: method oracle does not train on black-box labels" in capsys.readouterr().err
+    assert not (run / "config.yaml").exists()
