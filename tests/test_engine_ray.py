@@ -173,6 +173,23 @@ def test_failed_run_resumes_from_the_cli(ray_cluster, tiny_bench, store, tmp_pat
     assert steps == [2, 4]                  # resumed after step 2, no step repeated
 
 
+def test_rounds_under_the_ray_engine(ray_cluster, tiny_bench, store, tmp_path):
+    # `train.rounds` with scaling.engine=ray: every round is a Ray Train run and the relabelling a Ray Data job
+    # with the round's exported student behind the black-box interface.
+    from corte_ray.blackbox.store import LabelStore
+    from corte_ray.pipeline import adapt
+
+    run = tmp_path / "run"
+    cfg = _cfg(tiny_bench, store, "method=distill", "scaling.num_workers=1", "train.iterations=2",
+               "train.eval_every=0", "train.checkpoint_every=2", "train.rounds=2")
+    result = adapt(cfg, run)
+    assert result.step == 2 and (run / "rounds" / "1" / "checkpoints" / "step_0000002").is_dir()
+    relabelled = LabelStore(run / "rounds" / "labels_2")
+    assert sorted(relabelled.keys()) == sorted(LabelStore(store).keys())
+    final = torch.load(run / "checkpoints" / "step_0000002" / "checkpoint.pt", weights_only=True)
+    assert final["config"]["blackbox"]["label_store"] == str(run / "rounds" / "labels_2")
+
+
 def test_more_cpus_than_the_cluster_has_fails_at_once(ray_cluster, tiny_bench, store):
     from corte_ray.errors import ConfigError
     from corte_ray.train.ray_engine import check_cluster
