@@ -461,9 +461,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "--student is given, model.student to the checkpoint's architecture)")
     p.add_argument("--rounds", type=int, default=None, metavar="R",
                    help="train.rounds: self-training rounds (box-label methods). Each round but the last ends by "
-                        "relabelling the target images with its student, and the next trains a fresh student on "
-                        "those labels; R rounds cost R schedules (measured: 2 rounds of corte +0.6 mIoU over one, "
-                        "+1.1 over one round of twice the steps; docs/methods.md). Rounds 1..R-1 live in OUT/rounds")
+                        "relabelling the target images with its student; the next round continues that student on "
+                        "those labels at train.round_lr_scale x lr for train.round_iterations steps (default: a "
+                        "whole schedule; see docs/methods.md for the measured gains and costs). Rounds 1..R-1 live "
+                        "in OUT/rounds, the last in OUT")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     _add_config_args(p)
     p.set_defaults(func=cmd_adapt)

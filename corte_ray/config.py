@@ -237,9 +237,13 @@ class TrainConfig:
                                                    # docs/tuning.md); 0 = off (`corte-ray tune` turns it on)
     rounds: int = 1                                # self-training rounds of a method trained on box labels: after
                                                    # each round but the last, its final student relabels the target
-                                                   # training images as the next round's box and a fresh student
-                                                   # trains on them; each round costs `iterations` steps
-                                                   # (docs/methods.md, "A second round")
+                                                   # training images as the next round's box (docs/methods.md,
+                                                   # "Self-training rounds")
+    round_start: Literal["warm", "fresh"] = "warm"  # a later round's student (and teacher) starts from the previous
+                                                   # round's final student (warm), or from scratch like round 1
+    round_lr_scale: float = 0.2                    # a later round's lr = this x lr (warm: the full lr undoes the
+                                                   # trained student; measured 0.2 against 1.0)
+    round_iterations: int = 0                      # a later round's steps (0 = iterations)
 
     def validate(self, p: str = "train") -> None:
         _check(self.iterations >= 1, f"{p}.iterations", f"must be >= 1, got {self.iterations}")
@@ -251,6 +255,9 @@ class TrainConfig:
         _check(self.cpu_threads >= 0, f"{p}.cpu_threads", "must be >= 0 (0 = torch's default)")
         _check(self.score_images >= 0, f"{p}.score_images", f"must be >= 0 (0 = off), got {self.score_images}")
         _check(self.rounds >= 1, f"{p}.rounds", f"must be >= 1, got {self.rounds}")
+        _in_range(self.round_lr_scale, f"{p}.round_lr_scale", 0.0, 10.0, lo_open=True)
+        _check(self.round_iterations >= 0, f"{p}.round_iterations", f"must be >= 0 (0 = iterations), got "
+               f"{self.round_iterations}")
         _check(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"), f"{p}.device",
                f"must be auto, cpu, cuda or cuda:N, got {self.device!r}")
 

@@ -162,8 +162,10 @@ def adapt(cfg: Config | None, run_dir, resume: bool = False, hooks=None):
         store = open_label_store(cfg, run_dir) if METHODS.get(cfg.method).needs_box_labels else None
         if cfg.train.rounds > 1:
             # Earlier rounds under RUN/rounds/; the last one trains here, so RUN is the final student's run.
-            store = earlier_rounds(cfg, run_dir, store, hooks)
-            cfg = _with_store(cfg, store.root)
+            from .blackbox.store import LabelStore
+
+            cfg = earlier_rounds(cfg, run_dir, store, hooks)
+            store = LabelStore(cfg.blackbox.label_store)
         if cfg.scaling.engine == "ray":
             from .train.ray_engine import fit_ray
 
@@ -172,48 +174,64 @@ def adapt(cfg: Config | None, run_dir, resume: bool = False, hooks=None):
         return train(cfg, ctx, store, hooks=hooks)
 
 
-def _with_store(cfg: Config, store_root, rounds: int | None = None) -> Config:
-    """`cfg` training on the label store at `store_root` (and, when given, with train.rounds = `rounds`)."""
+def _with_store(cfg: Config, store_root) -> Config:
+    """`cfg` training on the label store at `store_root`."""
     from dataclasses import replace
 
-    train = replace(cfg.train, rounds=rounds) if rounds is not None else cfg.train
-    return replace(cfg, blackbox=replace(cfg.blackbox, label_store=str(store_root), spec=""), train=train)
+    return replace(cfg, blackbox=replace(cfg.blackbox, label_store=str(store_root), spec=""))
+
+
+def round_config(cfg: Config, r: int, store_root, previous_checkpoint=None) -> Config:
+    """The config round `r` (1-based) of a `train.rounds` run trains with: one round on `store_root`; a later round
+    warm-starts from `previous_checkpoint` (train.round_start=warm) at train.round_lr_scale x lr for
+    train.round_iterations steps."""
+    from dataclasses import replace
+
+    cfg = _with_store(cfg, store_root)
+    train = replace(cfg.train, rounds=1)
+    model = cfg.model
+    if r > 1:
+        t = cfg.train
+        train = replace(train, lr=t.lr * t.round_lr_scale, iterations=t.round_iterations or t.iterations)
+        if t.round_start == "warm":
+            model = replace(model, weights=str(previous_checkpoint))
+    return replace(cfg, train=train, model=model)
 
 
 def earlier_rounds(cfg: Config, run_dir, store, hooks=None):
-    """Rounds 1 .. R-1 of a `train.rounds` = R run; returns the label store the last round trains on.
+    """Rounds 1 .. R-1 of a `train.rounds` = R run; returns the config the last round trains with (in RUN).
 
-    Round r trains a fresh student on store r (the box's own labels for r = 1) in RUN/rounds/r, its final student
-    is exported to RUN/rounds/r/student.pt, and that file, queried as a black box, labels the target training
-    images into RUN/rounds/labels_{r+1}. Every piece resumes: a round whose last checkpoint exists is not trained
-    again, an exported file is reused, and the labelling skips the images already in the store."""
-    from .blackbox.store import LabelStore
+    Round r trains a student on store r (the box's own labels for r = 1) in RUN/rounds/r, its final student is
+    exported to RUN/rounds/r/student.pt, and that file, queried as a black box, labels the target training images
+    into RUN/rounds/labels_{r+1}. Every piece resumes: a round whose last checkpoint exists is not trained again,
+    an exported file is reused, and the labelling skips the images already in the store."""
     from .export import export_model
     from .train.context import CheckpointDir
 
     total = cfg.train.rounds
+    store_root, previous = store.root, None
     for r in range(1, total):
         sub = run_dir / "rounds" / str(r)
-        round_cfg = _with_store(cfg, store.root, rounds=1)
-        checkpoints = CheckpointDir(sub)
-        if (sub / "config.yaml").exists() and checkpoints.latest_step() >= cfg.train.iterations:
+        round_cfg = round_config(cfg, r, store_root, previous)
+        final = CheckpointDir(sub).step_file(round_cfg.train.iterations)
+        if (sub / "config.yaml").exists() and final.exists():
             log.info("round %d/%d: already trained (%s)", r, total, sub)
         else:
-            log.info("round %d/%d: training on %s", r, total, store.root)
+            log.info("round %d/%d: training on %s", r, total, store_root)
             adapt(round_cfg, sub, resume=(sub / "config.yaml").exists(), hooks=hooks)
         box_file = sub / "student.pt"
         if not box_file.exists():
-            model, _ = load_checkpoint_model(checkpoints.step_file(cfg.train.iterations))
+            model, _ = load_checkpoint_model(final)
             export_model(model, box_file, example_size=_image_size(cfg))
-        next_dir = run_dir / "rounds" / f"labels_{r + 1}"
-        log.info("round %d/%d: the round's student labels the target images into %s", r + 1, total, next_dir)
+        store_root = run_dir / "rounds" / f"labels_{r + 1}"
+        log.info("round %d/%d: the round's student labels the target images into %s", r + 1, total, store_root)
         from dataclasses import replace
 
-        label_cfg = replace(cfg, blackbox=replace(cfg.blackbox, spec=f"file:{box_file}", label_store=""))
-        label(label_cfg, next_dir, engine=cfg.scaling.engine)
-        store = LabelStore(next_dir)
-    log.info("round %d/%d: training on %s", total, total, store.root)
-    return store
+        label(replace(cfg, blackbox=replace(cfg.blackbox, spec=f"file:{box_file}", label_store="")), store_root,
+              engine=cfg.scaling.engine)
+        previous = final
+    log.info("round %d/%d: training on %s", total, total, store_root)
+    return round_config(cfg, total, store_root, previous)
 
 
 def _image_size(cfg: Config) -> tuple[int, int]:

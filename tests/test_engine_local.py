@@ -317,6 +317,11 @@ def test_rounds_relabel_with_the_student_and_resume_where_they_stopped(tiny_benc
     assert not all(np.array_equal(relabelled.get(k).top1, box_store.get(k).top1) for k in keys)
     final = torch.load(full / "checkpoints" / "step_0000003" / "checkpoint.pt", weights_only=True)
     assert final["config"]["blackbox"]["label_store"] == str(full / "rounds" / "labels_2")
+    # Round 2 starts warm from round 1's final student, at train.round_lr_scale x lr.
+    user = load_config(full / "config.yaml")
+    assert final["config"]["model"]["weights"] == str(full / "rounds" / "1" / "checkpoints" / "step_0000003" /
+                                                      "checkpoint.pt")
+    assert final["config"]["train"]["lr"] == pytest.approx(user.train.round_lr_scale * user.train.lr)
 
     class KillInRound2(TestHooks):
         def on_step(self, ctx, step):
@@ -337,6 +342,22 @@ def test_rounds_relabel_with_the_student_and_resume_where_they_stopped(tiny_benc
     for key in ("student", "teacher"):
         for name, t in final[key].items():
             assert torch.equal(t, resumed[key][name]), f"{key}.{name} differs after resume"
+
+
+def test_round_config_warm_fresh_and_length(tmp_path):
+    from corte_ray.pipeline import round_config
+
+    cfg = load_config(None, ["train.lr=0.01", "train.iterations=300", "train.round_iterations=100",
+                             "train.rounds=3", "model.weights=init.pt"])
+    first = round_config(cfg, 1, tmp_path / "labels")
+    assert (first.train.lr, first.train.iterations, first.model.weights, first.train.rounds) == \
+        (0.01, 300, "init.pt", 1)
+    assert first.blackbox.label_store == str(tmp_path / "labels") and first.blackbox.spec == ""
+    warm = round_config(cfg, 2, tmp_path / "labels_2", tmp_path / "prev.pt")
+    assert (warm.train.lr, warm.train.iterations, warm.model.weights) == \
+        (pytest.approx(0.002), 100, str(tmp_path / "prev.pt"))
+    fresh = round_config(load_config(None, ["train.round_start=fresh", "train.rounds=2"]), 2, tmp_path, "prev.pt")
+    assert fresh.model.weights is None
 
 
 def test_rounds_need_a_method_trained_on_box_labels(tiny_bench, tmp_path, capsys):
