@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -22,14 +23,13 @@ log = logging.getLogger(__name__)
 def check_run_inputs(cfg: Config) -> None:
     """Open what a run reads before the run exists: the train and val splits, the label store, the initial
     weights and a local box file. A wrong path fails here, naming it, and leaves no run directory behind."""
-    from .data.datasets import open_dataset
+    from .data.datasets import open_split
     from .methods.steps import METHODS
 
     d = cfg.data
     for split in (d.train_split, d.val_split):
         if split:
-            open_dataset(d.dataset, d.root, split=split, city=d.city, labels_dir=d.labels_dir,
-                         label_space=d.label_space)
+            open_split(d, split)
     if cfg.model.weights and not storage.as_path(cfg.model.weights).is_file():
         raise InputError(cfg.model.weights, "model.weights: file not found")
     if METHODS.get(cfg.method).needs_box_labels:
@@ -107,12 +107,11 @@ def label(cfg: Config, store_dir: str | Path, overwrite: bool = False, engine: s
     skip_bad: unreadable images are skipped and counted (doc["run"]["skipped_bad"]) instead of stopping."""
     from .blackbox import open_blackbox
     from .blackbox.store import label_dataset_local
-    from .data.datasets import open_dataset
+    from .data.datasets import open_split
 
     if not cfg.blackbox.spec:
         raise ConfigError("blackbox.spec: no black box to label with; pass --blackbox file:MODEL or http(s)://...")
-    dataset = open_dataset(cfg.data.dataset, cfg.data.root, split=cfg.data.train_split, city=cfg.data.city,
-                           labels_dir=cfg.data.labels_dir, label_space=cfg.data.label_space)
+    dataset = open_split(cfg.data, cfg.data.train_split)
     remote = cfg.blackbox.remote_options()
     if engine == "ray":
         from .blackbox.ray_label import label_dataset_ray
@@ -174,20 +173,11 @@ def adapt(cfg: Config | None, run_dir, resume: bool = False, hooks=None):
         return train(cfg, ctx, store, hooks=hooks)
 
 
-def _with_store(cfg: Config, store_root) -> Config:
-    """`cfg` training on the label store at `store_root`."""
-    from dataclasses import replace
-
-    return replace(cfg, blackbox=replace(cfg.blackbox, label_store=str(store_root), spec=""))
-
-
 def round_config(cfg: Config, r: int, store_root, previous_checkpoint=None) -> Config:
     """The config round `r` (1-based) of a `train.rounds` run trains with: one round on `store_root`; a later round
     warm-starts from `previous_checkpoint` (train.round_start=warm) at train.round_lr_scale x lr for
     train.round_iterations steps."""
-    from dataclasses import replace
-
-    cfg = _with_store(cfg, store_root)
+    cfg = replace(cfg, blackbox=replace(cfg.blackbox, label_store=str(store_root), spec=""))
     train = replace(cfg.train, rounds=1)
     model = cfg.model
     if r > 1:
@@ -225,8 +215,6 @@ def earlier_rounds(cfg: Config, run_dir, store, hooks=None):
             export_model(model, box_file, example_size=_image_size(cfg))
         store_root = run_dir / "rounds" / f"labels_{r + 1}"
         log.info("round %d/%d: the round's student labels the target images into %s", r + 1, total, store_root)
-        from dataclasses import replace
-
         label(replace(cfg, blackbox=replace(cfg.blackbox, spec=f"file:{box_file}", label_store="")), store_root,
               engine=cfg.scaling.engine)
         previous = final
@@ -236,13 +224,11 @@ def earlier_rounds(cfg: Config, run_dir, store, hooks=None):
 
 def _image_size(cfg: Config) -> tuple[int, int]:
     """(H, W) the box sees: data.resize, or the first target training image's own size."""
-    from .data.datasets import open_dataset
+    from .data.datasets import open_split
 
     if cfg.data.resize:
         return tuple(cfg.data.resize)
-    d = cfg.data
-    dataset = open_dataset(d.dataset, d.root, split=d.train_split, city=d.city, labels_dir=d.labels_dir,
-                           label_space=d.label_space)
+    dataset = open_split(cfg.data, cfg.data.train_split)
     return tuple(dataset.read_image(dataset.samples[0]).shape[:2])
 
 

@@ -138,6 +138,12 @@ def open_dataset(name: str, root: Path, split: str = "val", city: str | None = N
 
 
 # ---------------------------------------------------------------------------------------------- helpers
+
+def open_split(data, split: str) -> Dataset:
+    """Split `split` of the dataset a DataConfig `data` describes (format, root, city, labels, label space)."""
+    return open_dataset(data.dataset, data.root, split=split, city=data.city, labels_dir=data.labels_dir,
+                        label_space=data.label_space)
+
 def _reject_options(fmt: str, **options: object) -> None:
     """Options that do not apply to a format are an error, not silently ignored."""
     for option, value in options.items():

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..config import Config
-from ..data.datasets import Dataset, open_dataset
+from ..data.datasets import Dataset, open_split
 from ..errors import ConfigError, InputError
 from ..methods.steps import Method, Models, build_method, METHODS
 from ..models import build_model
@@ -125,10 +125,8 @@ def build_run(cfg: Config, ctx, store) -> Run:
     torch.manual_seed(tcfg.seed)
     method_cls = METHODS.get(cfg.method)
     d = cfg.data
-    train_set = open_dataset(d.dataset, d.root, split=d.train_split, city=d.city, labels_dir=d.labels_dir,
-                             label_space=d.label_space)
-    val_set = open_dataset(d.dataset, d.root, split=d.val_split, city=d.city, labels_dir=d.labels_dir,
-                           label_space=d.label_space) if d.val_split else None
+    train_set = open_split(d, d.train_split)
+    val_set = open_split(d, d.val_split) if d.val_split else None
     if method_cls.needs_box_labels and store is None:
         raise ConfigError(f"method {cfg.method} needs black-box labels: set blackbox.label_store or blackbox.spec")
     if method_cls.needs_source_weights and not cfg.model.weights:

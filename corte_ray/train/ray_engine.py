@@ -201,7 +201,7 @@ def fit_ray(cfg: Config, run_dir, store_path: str | None, hooks: TrainHooks | No
     `hooks`: a context.TrainHooks the workers call (tests only; it is pickled to them).
     `callbacks`: Ray Train UserCallbacks (a Tune trial passes TuneReportCallback: each report -> one iteration)."""
     from .loop import TargetTrainSet, TrainResult
-    from ..data.datasets import open_dataset
+    from ..data.datasets import open_split
     from ..methods.steps import METHODS
     from ..blackbox.store import LabelStore
 
@@ -224,8 +224,7 @@ def fit_ray(cfg: Config, run_dir, store_path: str | None, hooks: TrainHooks | No
     # so a store that does not fails here, naming it, instead of on every worker.
     method_cls = METHODS.get(cfg.method)
     if method_cls.needs_box_labels and store_path:
-        train_set = open_dataset(cfg.data.dataset, cfg.data.root, split=cfg.data.train_split, city=cfg.data.city,
-                                 labels_dir=cfg.data.labels_dir, label_space=cfg.data.label_space)
+        train_set = open_split(cfg.data, cfg.data.train_split)
         TargetTrainSet(train_set, LabelStore(store_path))
     start = CheckpointDir(run_dir).latest_step()
 
