@@ -222,7 +222,7 @@ def markdown(doc: dict) -> str:
         lines.append(f"| {name} | {r['mean']:.2f} | {std} | {r['miou']} | {vs} | {gap} |")
     rounds = [n for n in rows if n in EXTRA_ROWS]
     if rounds:
-        lines += ["", f"{', '.join(rounds)}: {len(rounds) == 1 and 'this row trains' or 'these rows train'} two "
+        lines += ["", f"{', '.join(rounds)}: {'this row trains' if len(rounds) == 1 else 'these rows train'} two "
                       "self-training rounds (`train.rounds=2`), twice the schedule of the other rows."]
     if "blackbox" in rows and rows["blackbox"].get("source_miou"):
         src = rows["blackbox"]["source_miou"]

@@ -285,7 +285,7 @@ def test_label_rules_benchmark_matches_the_store_it_reads(tiny_bench, tmp_path):
 
 def test_rounds_relabel_with_the_student_and_resume_where_they_stopped(tiny_bench, box_and_store, tmp_path):
     # `adapt --rounds 2`: round 1 trains on the box's labels in RUN/rounds/1, its final student (exported to
-    # RUN/rounds/1/student.pt) labels the target images into RUN/rounds/labels_2, and the last round trains a fresh
+    # RUN/rounds/1/student.pt) labels the target images into RUN/rounds/labels_2, and the last round continues that
     # student on those labels in RUN itself. A run killed in round 2 resumes there: round 1 is not trained again,
     # the images are not labelled again, and the final weights are the uninterrupted run's.
     import numpy as np
